@@ -1,0 +1,37 @@
+# sam3lora: `make train` and `make test` each set up .venv first when it is missing.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install sam3lora (editable) with the dev tools
+
+train: $(STAMP) ## Train the embedded default: tiny SAM 3 on a fresh synthetic set, on CPU (ARGS="..." adds overrides)
+	$(BIN)/sam3lora-train $(ARGS)
+
+test: $(STAMP) ## Run the test suite (offline)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+clean: ## Remove run outputs, caches and generated data (keeps .venv)
+	rm -rf logs data/synthetic .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv
+	rm -rf $(VENV)
+
+.PHONY: help install train test lint clean distclean

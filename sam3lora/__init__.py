@@ -1,0 +1,1 @@
+"""sam3lora: fine-tune SAM 3 with LoRA adapters."""

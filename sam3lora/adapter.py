@@ -1,0 +1,168 @@
+"""Adapters on disk in PEFT's own format, plus a sidecar that records which base they were trained on.
+
+A saved adapter directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` (plain
+``peft.PeftModel.from_pretrained(base, dir)`` restores it with no sam3lora code) and ``sam3lora.json`` (base
+identity: name, architecture hash, weight hash; the LoRA settings). ``load_adapter`` checks that adapter and base
+agree before loading and that every tensor of the file ended up in the model, so a mismatch is an error instead
+of a model that silently loaded nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import nn
+
+from sam3lora.io import atomic_dir
+
+SIDECAR = "sam3lora.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter does not fit the base model it is being loaded into."""
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _strip(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def _architecture_hash(config_dict: dict[str, Any]) -> str:
+    def clean(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in sorted(d.items()) if k not in _VOLATILE_CONFIG_KEYS}
+        return d
+
+    return hashlib.sha256(json.dumps(clean(config_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096) -> dict[str, str | None]:
+    """Identity of the base model: its name, an architecture hash and a hash of a few frozen base weights.
+
+    The weight hash rounds to bfloat16 so the same base loaded in another dtype matches; it is None on the meta
+    device (no values to hash).
+    """
+    base = _base_model(model)
+    digest = hashlib.sha256()
+    taken = 0
+    weights_hash: str | None = None
+    for name, param in base.named_parameters():
+        if "lora_" in name or "modules_to_save" in name or "original_module" in name:
+            continue
+        if param.device.type == "meta":
+            break
+        digest.update(_strip(name).encode())
+        digest.update(param.detach().flatten()[:n_values].to(torch.bfloat16).view(torch.int16).cpu().numpy())
+        taken += 1
+        if taken == n_tensors:
+            weights_hash = digest.hexdigest()[:16]
+            break
+    config = base.config
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "architecture": _architecture_hash(config.to_dict()),
+        "weights": weights_hash,
+    }
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path, settings: Any = None, overwrite: bool = True) -> Path:
+    """Save the adapter in PEFT format plus the ``sam3lora.json`` sidecar; the directory is written whole."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        sidecar = {"base": base_fingerprint(model)}
+        if settings is not None:
+            sidecar["lora"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
+    return Path(out_dir)
+
+
+def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool = True) -> dict[str, Any]:
+    """Raise ``AdapterMismatchError`` naming the problem if the adapter cannot fit ``model``; return the sidecar.
+
+    Checks: the PEFT files exist; the recorded base architecture (and, with ``check_weights``, the base weights)
+    equal this model's; every adapter tensor targets an existing Linear module with matching shapes.
+    """
+    path = Path(adapter_dir)
+    for name in ADAPTER_FILES:
+        if not (path / name).is_file():
+            raise AdapterMismatchError(f"{path}: missing {name} (not a PEFT adapter directory)")
+    sidecar: dict[str, Any] = {}
+    if (path / SIDECAR).is_file():
+        sidecar = json.loads((path / SIDECAR).read_text())
+        recorded, actual = sidecar.get("base", {}), base_fingerprint(model)
+        if recorded.get("architecture") != actual["architecture"]:
+            raise AdapterMismatchError(
+                f"{path}: adapter was trained on base {recorded.get('name_or_path')!r} (architecture "
+                f"{recorded.get('architecture')}), but this base {actual['name_or_path']!r} has architecture "
+                f"{actual['architecture']}: load it onto the base it was trained on"
+            )
+        weights = (recorded.get("weights"), actual["weights"])
+        if check_weights and None not in weights and weights[0] != weights[1]:
+            raise AdapterMismatchError(
+                f"{path}: adapter was trained on other base weights ({recorded.get('name_or_path')!r}, "
+                f"weights {weights[0]}) than this base ({actual['name_or_path']!r}, weights {weights[1]}); "
+                "pass check_weights=False to load it anyway"
+            )
+    modules = dict(_base_model(model).named_modules())
+    problems = []
+    for key, tensor in load_file(path / "adapter_model.safetensors").items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        module_name = _strip(key.removeprefix("base_model.model.").split(".lora_")[0])
+        module = modules.get(module_name)
+        base_layer = getattr(module, "base_layer", module)
+        if not isinstance(base_layer, nn.Linear):
+            problems.append(f"{module_name}: no such Linear module in the base model")
+            continue
+        expected_dim = base_layer.in_features if ".lora_A." in key else base_layer.out_features
+        actual_dim = tensor.shape[1] if ".lora_A." in key else tensor.shape[0]
+        if actual_dim != expected_dim:
+            problems.append(f"{key}: shape {tuple(tensor.shape)} does not fit {module_name} ({expected_dim})")
+    if problems:
+        listed = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise AdapterMismatchError(f"{path}: adapter does not fit this base model: {listed}")
+    return sidecar
+
+
+def load_adapter(
+    model: nn.Module,
+    adapter_dir: str | Path,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    check_weights: bool = True,
+) -> PeftModel:
+    """Check, then load a PEFT adapter onto ``model`` (a base model or a ``PeftModel`` to add it to).
+
+    After loading, every tensor of ``adapter_model.safetensors`` is compared with the model's; any that did not
+    arrive raises ``AdapterMismatchError``.
+    """
+    path = Path(adapter_dir)
+    check_adapter(model, path, check_weights=check_weights)
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+        peft_model = model
+    else:
+        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
+    in_model = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)  # keys as PEFT saves them
+    missing = []
+    for key, tensor in load_file(path / "adapter_model.safetensors").items():
+        param = in_model.get(key)
+        if param is None or not torch.equal(param.detach().cpu().to(tensor.dtype), tensor):
+            missing.append(key)
+    if missing:
+        raise AdapterMismatchError(
+            f"{path}: {len(missing)} adapter tensor(s) did not load into the model, e.g. {missing[:3]}"
+        )
+    return peft_model

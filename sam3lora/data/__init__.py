@@ -1,0 +1,1 @@
+"""Dataset tools: synthetic demo sets, COCO/YOLO conversion, validation and statistics."""

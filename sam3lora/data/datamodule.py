@@ -1,0 +1,383 @@
+"""``Sam3DataModule``: reader -> transforms -> rows -> :class:`~sam3lora.data.batch.Sam3Batch`.
+
+One dataset item is one image with all of its rows (prompts); the collate groups rows by image, so the
+vision encoder runs once per image. Randomness is a function of ``(seed, epoch, index)`` only (numpy
+``SeedSequence`` for rows, ``A.Compose.set_random_seed`` for augmentation), so a batch does not depend on
+``num_workers``; the shuffle uses a ``torch.Generator`` seeded from ``(seed, epoch)`` and
+:func:`seed_worker` seeds each worker's global RNGs (for user transforms that use them).
+
+Bad samples (missing/undecodable image, size mismatch, malformed annotation: :class:`BadSampleError`):
+``on_bad_sample: raise`` stops with the file and the problem; ``skip`` logs each one and the count at the
+end of the epoch. Training replaces a skipped image by the next good one (batches never come out empty);
+validation drops it (no duplicated image ids in evaluation), so a validation batch may hold no rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sam3lora.data.batch import Sam3Batch
+from sam3lora.data.coco import DataError
+from sam3lora.data.readers import BadSampleError, DatasetReader, ReaderFactory, build_reader
+from sam3lora.data.rows import VISUAL_PROMPT, PromptSettings, Row, build_rows
+from sam3lora.data.transforms import Sam3Transform, build_transform
+
+log = logging.getLogger(__name__)
+TEXT_LENGTH = 32
+ON_BAD_SAMPLE = ("raise", "skip")
+_SLOTS = 64  # bad-sample counter slots: 0 = main process, 1.. = workers (no cross-process races)
+
+
+@dataclass
+class ImageSample:
+    """One dataset item: an image after transforms and its rows (see ``TransformedImage`` for shapes)."""
+
+    pixel_values: torch.Tensor
+    masks: torch.Tensor
+    has_mask: torch.Tensor
+    boxes: torch.Tensor
+    rows: list[Row]
+    image_id: int
+    orig_size: tuple[int, int]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (no-op for anything else)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        return value
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed ``random`` and ``numpy``'s global RNGs from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class Sam3Dataset(Dataset):
+    """Images of one split -> :class:`ImageSample` (``None`` for a skipped bad sample in validation)."""
+
+    def __init__(
+        self,
+        reader: DatasetReader,
+        transform: Sam3Transform,
+        settings: PromptSettings,
+        *,
+        train: bool,
+        seed: int,
+        on_bad_sample: str,
+    ) -> None:
+        self.reader = reader
+        self.records = list(reader.images())
+        self.prompts = {int(k): list(v) for k, v in reader.categories().items()}
+        if not self.prompts:
+            raise ValueError(f"{type(reader).__name__}({reader.root}, {reader.split}) has no categories")
+        self.transform = transform
+        self.settings = settings
+        self.train = train
+        self.seed = int(seed)
+        self.on_bad_sample = on_bad_sample
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with workers
+        self.bad = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def start_epoch(self, epoch: int | None = None) -> None:
+        """Called by the loader before each pass: advance (or set) the epoch, reset the bad-sample count."""
+        self.epoch.fill_(int(self.epoch) + 1 if epoch is None else epoch)
+        self.bad.zero_()
+
+    def bad_count(self) -> int:
+        return int(self.bad.sum())
+
+    def _load(self, index: int) -> ImageSample:
+        record = self.records[index]
+        image = self.reader.load_image(record)
+        instances = self.reader.instances(record)
+        seq = np.random.SeedSequence([self.seed, int(self.epoch) if self.train else 0, index])
+        aug_seed, row_seed = (int(v) for v in seq.generate_state(2))
+        out = self.transform(image, instances, seed=aug_seed)
+        rows = build_rows(
+            out.category_ids, out.boxes.numpy(), self.prompts, self.settings, np.random.default_rng(row_seed),
+            train=self.train,
+        )
+        return ImageSample(
+            pixel_values=out.pixel_values, masks=out.masks, has_mask=out.has_mask, boxes=out.boxes, rows=rows,
+            image_id=record.id, orig_size=(record.height, record.width),
+        )
+
+    def _report(self, index: int, err: BadSampleError) -> None:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (_SLOTS - 1)
+        self.bad[slot] += 1
+        log.warning("skipping bad sample %d (%s): %s", index, self.reader.split, err)
+
+    def __getitem__(self, index: int) -> ImageSample | None:
+        if self.on_bad_sample == "raise":
+            return self._load(index)
+        tries = len(self.records) if self.train else 1
+        for k in range(tries):
+            i = (index + k) % len(self.records)
+            try:
+                return self._load(i)
+            except BadSampleError as err:
+                self._report(i, err)
+        if self.train:
+            raise RuntimeError(f"every sample of split '{self.reader.split}' under {self.reader.root} is bad")
+        return None
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Processor tokenizer -> ``input_ids``, ``attention_mask`` long (N, 32)."""
+    enc = tokenizer(list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+class Sam3Collate:
+    """``list[ImageSample | None] -> Sam3Batch``: rows grouped by image (None items are dropped; with no
+    item left the batch has I = R = 0).
+
+    Known prompts are looked up in ``cache`` (``{text: (ids (32,), mask (32,))}``, built once in the main
+    process); others are tokenized with ``tokenizer``.
+    """
+
+    def __init__(
+        self, tokenizer: Any, cache: Mapping[str, tuple[torch.Tensor, torch.Tensor]], image_size: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.cache = dict(cache)
+
+    def _tokens(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({t for t in texts if t not in self.cache})
+        if missing:
+            ids, mask = tokenize(self.tokenizer, missing)
+            self.cache.update({t: (ids[i], mask[i]) for i, t in enumerate(missing)})
+        if not texts:
+            return torch.zeros(0, TEXT_LENGTH, dtype=torch.long), torch.zeros(0, TEXT_LENGTH, dtype=torch.long)
+        return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
+
+    def __call__(self, samples: Sequence[ImageSample | None]) -> Sam3Batch:
+        samples = [s for s in samples if s is not None]
+        rows = [(i, row) for i, s in enumerate(samples) for row in s.rows]
+        k = max((len(row.box_labels) for _, row in rows), default=1)
+        boxes = torch.zeros(len(rows), k, 4, dtype=torch.float32)
+        labels = torch.full((len(rows), k), -10, dtype=torch.long)
+        targets: list[dict[str, torch.Tensor]] = []
+        for r, (i, row) in enumerate(rows):
+            n = len(row.box_labels)
+            boxes[r, :n] = torch.from_numpy(row.boxes)
+            labels[r, :n] = torch.from_numpy(row.box_labels)
+            idx = torch.from_numpy(row.targets)
+            s = samples[i]
+            targets.append({"boxes": s.boxes[idx], "masks": s.masks[idx], "has_mask": s.has_mask[idx]})
+        prompts = [row.text for _, row in rows]
+        input_ids, attention_mask = self._tokens(prompts)
+        size = self.image_size
+        return Sam3Batch(
+            pixel_values=torch.stack([s.pixel_values for s in samples]) if samples else torch.zeros(0, 3, size, size),
+            image_index=torch.tensor([i for i, _ in rows], dtype=torch.long),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            input_boxes=boxes,
+            input_boxes_labels=labels,
+            targets=targets,
+            prompts=prompts,
+            category_ids=torch.tensor([row.category_id for _, row in rows], dtype=torch.long),
+            image_ids=torch.tensor([s.image_id for s in samples], dtype=torch.long),
+            orig_sizes=torch.tensor([s.orig_size for s in samples], dtype=torch.long).reshape(-1, 2),
+        )
+
+
+class Sam3DataLoader(DataLoader):
+    """DataLoader that starts an epoch on its :class:`Sam3Dataset` and logs the bad-sample count after it.
+
+    Its generator is reseeded from ``(seed, epoch)`` at each pass, so a resumed run (epoch restored by
+    ``Sam3DataModule.load_state_dict``) shuffles and augments as the uninterrupted run would.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        dataset = self.dataset
+        if not isinstance(dataset, Sam3Dataset):
+            yield from super().__iter__()
+            return
+        dataset.start_epoch()
+        if self.generator is not None:  # shuffle order (and worker seeds) as a function of (seed, epoch)
+            seq = np.random.SeedSequence([dataset.seed, int(dataset.epoch)])
+            self.generator.manual_seed(int(seq.generate_state(1)[0]))
+        try:
+            yield from super().__iter__()
+        finally:
+            if dataset.bad_count():
+                log.warning(
+                    "%s split: skipped %d bad sample(s) this epoch (on_bad_sample=skip)",
+                    dataset.reader.split, dataset.bad_count(),
+                )
+
+
+class Sam3DataModule(L.LightningDataModule):
+    """Training/validation data for SAM 3 fine-tuning (see the module docstring and ``conf/data/*.yaml``).
+
+    Args:
+        processor: a ``Sam3Processor`` (its ``tokenizer`` and ``image_processor`` mean/std/rescale are used).
+        root: dataset directory (canonical layout for the default reader; the YOLO cache with ``yolo_src``).
+        image_size: S, the model's square input size.
+        reader: None (:class:`CocoReader`), a callable ``(root, split) -> DatasetReader`` or a Hydra
+            ``_target_`` mapping naming one (instantiated with ``root`` and ``split``).
+        train_split, val_split: split names given to the reader.
+        prompt_mode, negative_ratio, max_prompts_per_image, max_exemplars: see :class:`PromptSettings`.
+        train_transforms, val_transforms: transform configs (see :mod:`sam3lora.data.transforms`).
+        batch_size: images per batch (rows per batch vary).
+        num_workers, pin_memory, persistent_workers: DataLoader settings (persistent needs workers > 0).
+        seed: shuffle and augmentation seed.
+        on_bad_sample: ``raise`` or ``skip``.
+        yolo_src: a YOLO dataset converted once into ``root`` by :meth:`prepare_data`.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        root: str | Path,
+        image_size: int,
+        reader: ReaderFactory | Mapping[str, Any] | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        prompt_mode: str = "text",
+        negative_ratio: float | None = 1.0,
+        max_prompts_per_image: int | None = None,
+        max_exemplars: int = 3,
+        train_transforms: Mapping[str, Any] | None = None,
+        val_transforms: Mapping[str, Any] | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        on_bad_sample: str = "raise",
+        yolo_src: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        if int(batch_size) < 1 or int(num_workers) < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if processor is None or not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise TypeError("processor must be a Sam3Processor (with .tokenizer and .image_processor)")
+        self.processor = processor
+        self.root = Path(str(root))
+        self.image_size = int(image_size)
+        self.reader = _plain(reader)
+        self.splits = {"train": str(train_split), "val": str(val_split)}
+        self.settings = PromptSettings(
+            mode=prompt_mode,  # type: ignore[arg-type]
+            negative_ratio=None if negative_ratio is None else float(negative_ratio),
+            max_prompts_per_image=None if max_prompts_per_image is None else int(max_prompts_per_image),
+            max_exemplars=int(max_exemplars),
+        )
+        ip = processor.image_processor
+        norm = dict(
+            image_size=self.image_size, mean=list(ip.image_mean), std=list(ip.image_std),
+            rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)) if getattr(ip, "do_rescale", True) else 1.0,
+        )
+        self.train_transform = build_transform(_plain(train_transforms), train=True, **norm)
+        self.val_transform = build_transform(_plain(val_transforms), train=False, **norm)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.seed = int(seed)
+        self.on_bad_sample = on_bad_sample
+        self.yolo_src = None if yolo_src is None else Path(str(yolo_src))
+        self.train_dataset: Sam3Dataset | None = None
+        self.val_dataset: Sam3Dataset | None = None
+        self._collate: Sam3Collate | None = None
+        self._start_epoch = 0
+
+    # -------------------------------------------------------------------------------------- preparation
+
+    def prepare_data(self) -> None:
+        """Convert ``yolo_src`` into ``root`` once (a converted cache from the same source is reused)."""
+        if self.yolo_src is None:
+            return
+        from sam3lora.data.yolo import yolo_to_coco
+
+        marker = self.root / ".yolo_source"
+        source = str(self.yolo_src.resolve())
+        if self.root.is_dir() and any(self.root.iterdir()):
+            recorded = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+            if recorded is not None and recorded != source:
+                raise DataError(self.root, f"YOLO cache was converted from {recorded}, not {source}; "
+                                           "delete it or choose another data.root")
+            log.info("using the YOLO conversion cached at %s (delete it to convert again)", self.root)
+            return
+        log.info("converting YOLO dataset %s into %s", self.yolo_src, self.root)
+        yolo_to_coco(self.yolo_src, self.root)
+        marker.write_text(source + "\n", encoding="utf-8")
+
+    def _dataset(self, stage: str) -> Sam3Dataset:
+        train = stage == "train"
+        reader = build_reader(self.reader, self.root, self.splits[stage])
+        transform = self.train_transform if train else self.val_transform
+        return Sam3Dataset(reader, transform, self.settings, train=train, seed=self.seed,
+                           on_bad_sample=self.on_bad_sample)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the readers (COCO index) once per split needed by ``stage`` and the prompt token cache."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset("train")
+            self.train_dataset.epoch.fill_(self._start_epoch)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._dataset("val")
+        datasets = [d for d in (self.train_dataset, self.val_dataset) if d is not None]
+        texts = sorted({p for d in datasets for ps in d.prompts.values() for p in ps} | {VISUAL_PROMPT})
+        if self._collate is None or set(texts) - set(self._collate.cache):
+            ids, mask = tokenize(self.processor.tokenizer, texts)
+            cache = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
+            self._collate = Sam3Collate(self.processor.tokenizer, cache, self.image_size)
+
+    # -------------------------------------------------------------------------------------- loaders
+
+    def _loader(self, dataset: Sam3Dataset | None, shuffle: bool) -> Sam3DataLoader:
+        if dataset is None or self._collate is None:
+            raise RuntimeError("Sam3DataModule.setup() must run before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed)
+        return Sam3DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self._collate,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker, generator=generator,
+        )
+
+    def train_dataloader(self) -> Sam3DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> Sam3DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    # -------------------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch counter of the training augmentation (saved in checkpoints)."""
+        epoch = int(self.train_dataset.epoch) if self.train_dataset is not None else self._start_epoch
+        return {"epoch": epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._start_epoch = int(state_dict.get("epoch", 0))
+        if self.train_dataset is not None:
+            self.train_dataset.epoch.fill_(self._start_epoch)
+

@@ -1,0 +1,459 @@
+"""SAM 3 training criterion: Hungarian matching plus the official loss terms, weights from config.
+
+Design after DETR's ``SetCriterion`` (one method per loss, a weight dict) with SAM 3's terms and numbers
+(``sam3/train/loss/loss_fns.py``); every default lives in ``conf/loss/sam3.yaml``.
+
+Inputs follow docs/contracts.md. ``outputs``: ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` normalised
+xyxy, ``presence_logits (R,1)``, ``pred_masks (R,Q,h,w)`` logits, optional ``semantic_seg (R,1,h,w)`` logits
+and ``aux_outputs`` (list of dicts with ``pred_logits``, ``pred_boxes``, ``presence_logits``). ``targets``:
+R dicts with ``boxes (n,4)`` normalised xyxy, ``masks (n,S,S)`` bool and ``has_mask (n,)`` bool; n == 0 is a
+negative prompt.
+
+Reuse of the matching: ``indices = criterion.match(outputs, targets)`` returns the final layer's assignment;
+``criterion(outputs, targets, indices=indices)`` then skips its own matching, and the caller can hand the same
+indices to the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.utils import get_method, instantiate
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from sam3lora.loss.matcher import HungarianMatcher, MatchIndices
+
+ExtraTerm = Callable[[dict[str, Any], list[dict[str, Tensor]], MatchIndices], Tensor]
+"""A user loss term: ``(outputs, targets, indices) -> scalar Tensor`` (final layer, final-layer indices)."""
+
+MASK_LOSS_MODES = ("full", "points")
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """IoU of corresponding boxes: (N,4) xyxy and (N,4) xyxy -> (N,).
+
+    torchvision only offers the pairwise (N, M) IoU; this is its diagonal without the N x M matrix.
+    """
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area1 + area2 - inter + eps)
+
+
+def point_sample(inputs: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
+    """Values of ``inputs (N,C,H,W)`` at ``coords (N,P,2)`` in [0,1] (x, y) -> (N,C,P), via ``grid_sample``.
+
+    ``align_corners=False`` and border padding, so that sampling the low-resolution logits equals sampling
+    their ``F.interpolate(mode="bilinear")`` upsampling, borders included.
+    """
+    grid = 2.0 * coords[:, :, None, :] - 1.0
+    return F.grid_sample(inputs, grid, mode=mode, padding_mode="border", align_corners=False)[..., 0]
+
+
+@torch.no_grad()
+def uncertain_point_coords(
+    logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
+) -> Tensor:
+    """Mask2Former / SAM 3 point selection: (N,1,h,w) logits -> (N, num_points, 2) coords in [0,1].
+
+    Draws ``oversample_ratio * num_points`` uniform points, keeps the ``importance_sample_ratio * num_points``
+    most uncertain ones (logit closest to 0) and fills up with fresh uniform points. With
+    ``importance_sample_ratio = 0`` this is plain uniform sampling.
+    """
+    n = logits.shape[0]
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_random = num_points - num_uncertain
+    parts = []
+    if num_uncertain > 0:
+        num_sampled = max(int(num_points * oversample_ratio), num_uncertain)
+        cand = torch.rand(n, num_sampled, 2, device=logits.device)
+        uncertainty = -point_sample(logits.float(), cand)[:, 0].abs()
+        idx = uncertainty.topk(num_uncertain, dim=1).indices
+        parts.append(torch.gather(cand, 1, idx[..., None].expand(-1, -1, 2)))
+    if num_random > 0:
+        parts.append(torch.rand(n, num_random, 2, device=logits.device))
+    return torch.cat(parts, dim=1)
+
+
+def dice_loss_per_item(logits: Tensor, targets: Tensor) -> Tensor:
+    """SAM 3 dice loss with +1 smoothing: (N, P) logits and (N, P) targets in [0,1] -> (N,)."""
+    prob = logits.sigmoid()
+    num = 2 * (prob * targets).sum(-1)
+    den = prob.sum(-1) + targets.sum(-1)
+    return 1 - (num + 1) / (den + 1)
+
+
+def focal_loss_per_item(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Sigmoid focal loss averaged over points: (N, P) logits and targets -> (N,)."""
+    return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none").mean(-1)
+
+
+def _zero(ref: Tensor) -> Tensor:
+    """A float32 zero that stays attached to ``ref``'s graph (keeps DDP's gradient bookkeeping happy)."""
+    return ref.float().sum() * 0.0
+
+
+def _build_extra_term(name: str, spec: Mapping[str, Any]) -> tuple[ExtraTerm, float]:
+    """``{weight: w, fn: <callable | dotted path | {_target_: ..., **kwargs}>}`` -> (callable, weight)."""
+    if "weight" not in spec or "fn" not in spec:
+        raise ValueError(f"extra term {name!r} needs 'weight' and 'fn', got keys {list(spec)}")
+    unknown = set(spec) - {"weight", "fn"}
+    if unknown:
+        raise ValueError(f"extra term {name!r}: unknown keys {sorted(unknown)}")
+    fn = spec["fn"]
+    if isinstance(fn, str):
+        fn = get_method(fn)
+    elif isinstance(fn, Mapping):  # not yet instantiated (e.g. _recursive_: false): bind kwargs lazily
+        fn = instantiate(fn, _partial_=fn.get("_partial_", True))
+    if not callable(fn):
+        raise TypeError(f"extra term {name!r}: fn is not callable ({type(fn).__name__})")
+    return fn, float(spec["weight"])
+
+
+class Sam3Criterion(nn.Module):
+    """SAM 3 losses for one batch of (image, prompt) rows.
+
+    Terms (logged keys, weighted): ``loss_bbox``, ``loss_giou``, ``loss_ce``, ``loss_presence`` on the final
+    layer and, with ``aux_loss``, on every ``aux_outputs[i]`` (suffix ``_aux{i}``, own matching);
+    ``loss_mask``, ``loss_dice``, ``loss_semantic_focal``, ``loss_semantic_dice`` and the extra terms on the
+    final layer only. A term whose weight is 0 is neither computed nor logged.
+
+    Normalisation (as the official code): box terms by the number of GT boxes, mask terms by the number of GT
+    masks (equal to the box count unless there are box-only targets), both averaged over processes under DDP
+    and clamped to >= 1; ``loss_ce`` is the mean over all R x Q query slots; ``loss_presence`` the mean over
+    rows; semantic terms the mean over eligible rows.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        *,
+        weight_bbox: float,
+        weight_giou: float,
+        weight_ce: float,
+        weight_presence: float,
+        weight_mask: float,
+        weight_dice: float,
+        weight_semantic_focal: float,
+        weight_semantic_dice: float,
+        ce_pos_weight: float,
+        ce_iou_alpha: float,
+        ce_neg_gamma: float,
+        presence_scale: float,
+        mask_focal_alpha: float,
+        mask_focal_gamma: float,
+        semantic_focal_alpha: float,
+        semantic_focal_gamma: float,
+        mask_loss: str,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
+        aux_loss: bool,
+        scale_by_sqrt_batch: bool,
+        extra_terms: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        if mask_loss not in MASK_LOSS_MODES:
+            raise ValueError(f"mask_loss must be one of {MASK_LOSS_MODES}, got {mask_loss!r}")
+        if mask_loss == "points" and num_points <= 0:
+            raise ValueError("mask_loss='points' needs num_points > 0")
+        if not 0.0 <= importance_sample_ratio <= 1.0:
+            raise ValueError("importance_sample_ratio must be in [0, 1]")
+        self.matcher = matcher
+        self.weight_dict: dict[str, float] = {
+            "loss_bbox": float(weight_bbox),
+            "loss_giou": float(weight_giou),
+            "loss_ce": float(weight_ce),
+            "loss_presence": float(weight_presence),
+            "loss_mask": float(weight_mask),
+            "loss_dice": float(weight_dice),
+            "loss_semantic_focal": float(weight_semantic_focal),
+            "loss_semantic_dice": float(weight_semantic_dice),
+        }
+        self.ce_pos_weight = ce_pos_weight
+        self.ce_iou_alpha = ce_iou_alpha
+        self.ce_neg_gamma = ce_neg_gamma
+        self.presence_scale = presence_scale
+        self.mask_focal_alpha = mask_focal_alpha
+        self.mask_focal_gamma = mask_focal_gamma
+        self.semantic_focal_alpha = semantic_focal_alpha
+        self.semantic_focal_gamma = semantic_focal_gamma
+        self.mask_loss = mask_loss
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.aux_loss = aux_loss
+        self.scale_by_sqrt_batch = scale_by_sqrt_batch
+        self.extra_terms: dict[str, ExtraTerm] = {}
+        # Extra terms that are modules are registered so that .to(device) and state_dict see them.
+        self.extra_modules = nn.ModuleDict()
+        for name, spec in (extra_terms or {}).items():
+            if name in self.weight_dict or name == "loss":
+                raise ValueError(f"extra term name {name!r} clashes with a built-in key")
+            fn, weight = _build_extra_term(name, spec)
+            self.extra_terms[name] = fn
+            self.weight_dict[name] = weight
+            if isinstance(fn, nn.Module):
+                self.extra_modules[name] = fn
+
+    # ------------------------------------------------------------------ matching and normalisation
+    def match(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> MatchIndices:
+        """Final-layer Hungarian matching: R tuples ``(query_idx, target_idx)`` (int64, CPU)."""
+        return self.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
+
+    @staticmethod
+    def has_mask_cpu(targets: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Per row (n,) bool CPU tensor: which instances carry a mask (one device sync for the batch).
+
+        Uses ``has_mask``; a target without it has masks iff it has a ``masks`` entry of length n.
+        """
+        flags = []
+        for t in targets:
+            n = len(t["boxes"])
+            if "has_mask" in t:
+                flags.append(t["has_mask"].bool().reshape(n))
+            else:
+                has = t.get("masks") is not None and len(t["masks"]) == n
+                flags.append(torch.full((n,), has, dtype=torch.bool))
+        if not flags:
+            return []
+        device = next((f.device for f in flags if f.device.type != "cpu"), torch.device("cpu"))
+        flat = torch.cat([f.to(device) for f in flags]).cpu()
+        return list(flat.split([len(f) for f in flags]))
+
+    def num_instances(self, targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(num_boxes, num_masks): GT counts of the batch, averaged over DDP processes, clamped to >= 1."""
+        counts = torch.tensor(
+            [
+                float(sum(len(t["boxes"]) for t in targets)),
+                float(sum(int(h.sum()) for h in self.has_mask_cpu(targets))),
+            ],
+            device=device,
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            counts = counts / dist.get_world_size()
+        counts = counts.clamp(min=1.0)
+        return counts[0], counts[1]
+
+    @staticmethod
+    def _flat_index(indices: MatchIndices, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(row_idx, query_idx) of all matched queries, each (N,) on ``device``."""
+        rows = [torch.full_like(q, r) for r, (q, _) in enumerate(indices)]
+        return torch.cat(rows).to(device), torch.cat([q for q, _ in indices]).to(device)
+
+    @staticmethod
+    def _matched_target_boxes(
+        targets: list[dict[str, Tensor]], indices: MatchIndices, device: torch.device
+    ) -> Tensor:
+        """(N, 4) xyxy GT boxes in the order of ``_flat_index``."""
+        boxes = [t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices, strict=True)]
+        return torch.cat(boxes).to(device=device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ loss terms (unweighted)
+    def loss_boxes(
+        self,
+        outputs: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        indices: MatchIndices,
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_bbox``: L1 on normalised cxcywh; ``loss_giou``: 1 - GIoU; both summed / num_boxes."""
+        pred_boxes = outputs["pred_boxes"]
+        rows, queries = self._flat_index(indices, pred_boxes.device)
+        if len(rows) == 0:
+            return {"loss_bbox": _zero(pred_boxes), "loss_giou": _zero(pred_boxes)}
+        src = pred_boxes[rows, queries].float()
+        tgt = self._matched_target_boxes(targets, indices, pred_boxes.device)
+        l1 = F.l1_loss(
+            box_convert(src, "xyxy", "cxcywh"), box_convert(tgt, "xyxy", "cxcywh"), reduction="sum"
+        )
+        giou = generalized_box_iou_loss(src, tgt, reduction="sum")
+        return {"loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
+
+    def loss_ce(
+        self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]], indices: MatchIndices
+    ) -> Tensor:
+        """IoU-aware BCE on ``pred_logits (R,Q)``, mean over all R x Q slots.
+
+        Matched query: ``pos_weight * BCE(s, t)`` with ``t = clamp(p^a * IoU^(1-a), min=0.01)`` detached
+        (``a = ce_iou_alpha``, IoU of the matched boxes). Unmatched: ``BCE(s, 0) * p^ce_neg_gamma``.
+        Rows of negative prompts are zeroed (the presence head handles them).
+        """
+        logits = outputs["pred_logits"].float()
+        prob = logits.sigmoid()
+        rows, queries = self._flat_index(indices, logits.device)
+        is_pos = torch.zeros_like(logits)
+        soft_target = torch.zeros_like(logits)
+        if len(rows) > 0:
+            with torch.no_grad():
+                src = outputs["pred_boxes"][rows, queries].float()
+                tgt = self._matched_target_boxes(targets, indices, logits.device)
+                iou = paired_box_iou(src, tgt)
+                t = prob[rows, queries] ** self.ce_iou_alpha * iou ** (1 - self.ce_iou_alpha)
+                is_pos[rows, queries] = 1.0
+                soft_target[rows, queries] = t.clamp(min=0.01)
+        pos = F.binary_cross_entropy_with_logits(logits, soft_target, reduction="none") * self.ce_pos_weight
+        neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+        loss = pos * is_pos + neg * (1 - is_pos) * prob**self.ce_neg_gamma
+        keep = torch.tensor([len(t["boxes"]) > 0 for t in targets], device=logits.device, dtype=logits.dtype)
+        return (loss * keep[:, None]).mean()
+
+    def loss_presence(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> Tensor:
+        """``presence_scale * BCE(presence_logits, row has >= 1 instance)``, mean over all rows."""
+        logits = outputs["presence_logits"].float().reshape(-1)
+        target = torch.tensor([float(len(t["boxes"]) > 0) for t in targets], device=logits.device)
+        return self.presence_scale * F.binary_cross_entropy_with_logits(logits, target)
+
+    def _dense_pair(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Predictions (N,h,w) logits and targets (N,H,W) -> flattened (N,P) logits and targets on P points.
+
+        ``full``: bilinear upsampling of the logits to H x W (P = H*W). ``points``: ``num_points`` points per
+        item chosen by ``uncertain_point_coords``, both sides read with ``grid_sample`` (no H x W logits):
+        the logits bilinearly, the targets with ``nearest`` so they stay binary as in ``full`` (Mask2Former
+        and the official code read targets bilinearly, which softens them along the boundary).
+        """
+        pred = pred.float()[:, None]
+        target = target.to(pred.dtype)[:, None]
+        if self.mask_loss == "points":
+            coords = uncertain_point_coords(
+                pred.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            return point_sample(pred, coords)[:, 0], point_sample(target, coords, mode="nearest")[:, 0]
+        if pred.shape[-2:] != target.shape[-2:]:
+            pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return pred.flatten(1), target.flatten(1)
+
+    def loss_masks(
+        self,
+        outputs: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        indices: MatchIndices,
+        num_masks: Tensor,
+    ) -> dict[str, Tensor]:
+        """``loss_mask`` (focal, mean over pixels) and ``loss_dice`` of matched queries with a GT mask.
+
+        Each summed over instances / num_masks. Box-only targets (``has_mask`` False) are left out.
+        """
+        pred_masks = outputs["pred_masks"]
+        src, tgt = [], []
+        has_mask = self.has_mask_cpu(targets)
+        for r, (t, (q, j)) in enumerate(zip(targets, indices, strict=True)):
+            if len(j) == 0:
+                continue
+            keep = has_mask[r][j.cpu()]
+            if keep.any():
+                src.append(pred_masks[r, q[keep].to(pred_masks.device)])
+                tgt.append(t["masks"][j[keep].to(t["masks"].device)].to(pred_masks.device))
+        if not src:
+            return {"loss_mask": _zero(pred_masks), "loss_dice": _zero(pred_masks)}
+        logits, target = self._dense_pair(torch.cat(src), torch.cat(tgt))
+        focal = focal_loss_per_item(logits, target, self.mask_focal_alpha, self.mask_focal_gamma)
+        dice = dice_loss_per_item(logits, target)
+        return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
+
+    def loss_semantic(
+        self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """``loss_semantic_focal`` and ``loss_semantic_dice``: ``semantic_seg (R,1,h,w)`` vs the mask union.
+
+        Eligible rows: positive prompts whose instances all carry masks (a box-only instance would leave a
+        hole in the union that would be trained as background). Mean over eligible rows.
+        """
+        sem = outputs["semantic_seg"]
+        rows, unions = [], []
+        for r, (t, has) in enumerate(zip(targets, self.has_mask_cpu(targets), strict=True)):
+            if len(has) > 0 and bool(has.all()):
+                rows.append(r)
+                unions.append(t["masks"].bool().any(0))
+        if not rows:
+            return {"loss_semantic_focal": _zero(sem), "loss_semantic_dice": _zero(sem)}
+        pred = sem[torch.as_tensor(rows, device=sem.device), 0]
+        logits, target = self._dense_pair(pred, torch.stack(unions).to(sem.device))
+        focal = focal_loss_per_item(logits, target, self.semantic_focal_alpha, self.semantic_focal_gamma)
+        return {
+            "loss_semantic_focal": focal.mean(),
+            "loss_semantic_dice": dice_loss_per_item(logits, target).mean(),
+        }
+
+    # ------------------------------------------------------------------ aggregation
+    def _wants(self, *keys: str) -> bool:
+        return any(self.weight_dict[k] != 0 for k in keys)
+
+    def _layer_terms(
+        self,
+        outputs: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        indices: MatchIndices,
+        num_boxes: Tensor,
+    ) -> dict[str, Tensor]:
+        """Unweighted box, ce and presence terms of one decoder layer."""
+        terms: dict[str, Tensor] = {}
+        if self._wants("loss_bbox", "loss_giou"):
+            terms.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        if self._wants("loss_ce"):
+            terms["loss_ce"] = self.loss_ce(outputs, targets, indices)
+        if self._wants("loss_presence") and outputs.get("presence_logits") is not None:
+            terms["loss_presence"] = self.loss_presence(outputs, targets)
+        return terms
+
+    def forward(
+        self,
+        outputs: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        indices: MatchIndices | None = None,
+    ) -> dict[str, Tensor]:
+        """Compute every enabled term.
+
+        Args:
+            outputs: model outputs (module docstring); ``aux_outputs`` is optional.
+            targets: R target dicts (module docstring).
+            indices: final-layer matching from ``match``; computed here when None.
+        Returns:
+            ``loss``: the weighted sum (times sqrt(R) with ``scale_by_sqrt_batch``), with grad; every weighted
+            term under its key (``loss_bbox``, ..., ``loss_bbox_aux0``, ..., extra term names), detached and
+            not scaled by sqrt(R).
+        """
+        if len(targets) != outputs["pred_logits"].shape[0]:
+            raise ValueError(f"{len(targets)} targets for {outputs['pred_logits'].shape[0]} rows")
+        if indices is None:
+            indices = self.match(outputs, targets)
+        device = outputs["pred_logits"].device
+        num_boxes, num_masks = self.num_instances(targets, device)
+
+        raw = self._layer_terms(outputs, targets, indices, num_boxes)
+        if self._wants("loss_mask", "loss_dice") and outputs.get("pred_masks") is not None:
+            raw.update(self.loss_masks(outputs, targets, indices, num_masks))
+        if (
+            self._wants("loss_semantic_focal", "loss_semantic_dice")
+            and outputs.get("semantic_seg") is not None
+        ):
+            raw.update(self.loss_semantic(outputs, targets))
+        weighted = {k: v * self.weight_dict[k] for k, v in raw.items() if self.weight_dict[k] != 0}
+        for name, fn in self.extra_terms.items():
+            if self.weight_dict[name] != 0:
+                weighted[name] = fn(outputs, targets, indices) * self.weight_dict[name]
+
+        if self.aux_loss:
+            for i, aux in enumerate(outputs.get("aux_outputs") or []):
+                aux_indices = self.matcher(aux["pred_logits"], aux["pred_boxes"], targets)
+                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes).items():
+                    if self.weight_dict[k] != 0:
+                        weighted[f"{k}_aux{i}"] = v * self.weight_dict[k]
+
+        total = torch.stack([v.float().reshape(()) for v in weighted.values()]).sum() if weighted else None
+        if total is None:
+            total = _zero(outputs["pred_logits"])
+        if self.scale_by_sqrt_batch:
+            total = total * math.sqrt(len(targets))
+        result = {k: v.detach() for k, v in weighted.items()}
+        result["loss"] = total
+        return result

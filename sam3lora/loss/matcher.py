@@ -1,0 +1,102 @@
+"""One-to-one Hungarian matching between SAM 3 queries and the ground-truth instances of each row.
+
+Follows DETR's ``HungarianMatcher`` and SAM 3's ``BinaryHungarianMatcherV2(focal=True)``: one binary class
+(the row's prompt), a focal-style class cost, L1 on normalised cxcywh boxes and negative GIoU.
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+MatchIndices = list[tuple[Tensor, Tensor]]
+"""Per row ``(query_idx, target_idx)``: two int64 CPU tensors of equal length ``min(Q, n)``."""
+
+_BIG_COST = 1e8  # replaces NaN/inf costs so that scipy accepts the matrix
+
+
+def focal_class_cost(prob: Tensor, alpha: float, gamma: float, eps: float = 1e-8) -> Tensor:
+    """Focal-style matching cost of predicting "object" with probability ``prob`` (any shape).
+
+    ``pos - neg`` with ``pos = -alpha (1-p)^gamma log p`` and ``neg = -(1-alpha) p^gamma log(1-p)``, i.e.
+    ``-alpha (1-p)^gamma log p + (1-alpha) p^gamma log(1-p)`` (SAM 3 / Deformable DETR). It decreases
+    monotonically in ``p``: a confident query is cheap to match.
+    """
+    pos = alpha * (1 - prob) ** gamma * -(prob + eps).log()
+    neg = (1 - alpha) * prob**gamma * -(1 - prob + eps).log()
+    return pos - neg
+
+
+class HungarianMatcher(nn.Module):
+    """Hungarian matcher for SAM 3 detection outputs, one (image, prompt) row at a time.
+
+    cost = cost_bbox * L1(cxcywh) + cost_class * focal_class_cost - cost_giou * GIoU(xyxy).
+    Rows without targets (negative prompts) get empty matches. Values come from ``conf/loss/sam3.yaml``.
+    """
+
+    def __init__(
+        self, cost_bbox: float, cost_class: float, cost_giou: float, focal_alpha: float, focal_gamma: float
+    ) -> None:
+        super().__init__()
+        if cost_bbox == 0 and cost_class == 0 and cost_giou == 0:
+            raise ValueError("all matching costs are 0")
+        self.cost_bbox = cost_bbox
+        self.cost_class = cost_class
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """Cost of assigning each query to each target.
+
+        pred_logits (P,), pred_boxes (P,4) and tgt_boxes (N,4) normalised xyxy -> (P, N) float32.
+        """
+        logits = pred_logits.float()
+        out_xyxy = pred_boxes.float()
+        tgt_xyxy = tgt_boxes.to(out_xyxy)
+        cost_bbox = torch.cdist(
+            box_convert(out_xyxy, "xyxy", "cxcywh"), box_convert(tgt_xyxy, "xyxy", "cxcywh"), p=1
+        )
+        cost_class = focal_class_cost(logits.sigmoid(), self.focal_alpha, self.focal_gamma)[:, None]
+        cost_giou = -generalized_box_iou(out_xyxy, tgt_xyxy)
+        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+
+    @torch.no_grad()
+    def forward(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
+    ) -> MatchIndices:
+        """Match queries to targets row by row.
+
+        Args:
+            pred_logits: (R, Q) query logits.
+            pred_boxes: (R, Q, 4) normalised xyxy.
+            targets: R dicts with ``boxes`` (n, 4) normalised xyxy; n == 0 for a negative prompt.
+        Returns:
+            R tuples ``(query_idx, target_idx)`` of int64 CPU tensors, query_idx ascending, each of length
+            ``min(Q, n)`` (empty for negatives).
+        """
+        num_rows, num_queries = pred_logits.shape
+        if len(targets) != num_rows:
+            raise ValueError(f"{len(targets)} targets for {num_rows} rows")
+        sizes = [len(t["boxes"]) for t in targets]
+        empty = torch.empty(0, dtype=torch.int64)
+        indices: MatchIndices = [(empty, empty) for _ in range(num_rows)]
+        pos_rows = [r for r, n in enumerate(sizes) if n > 0]
+        if not pos_rows:
+            return indices
+        # One batched cost computation over positive rows, a single device->host copy, then split per row.
+        rows = torch.as_tensor(pos_rows, device=pred_logits.device)
+        tgt = torch.cat([targets[r]["boxes"] for r in pos_rows]).to(pred_boxes.device)
+        cost = self.cost_matrix(pred_logits[rows].flatten(), pred_boxes[rows].flatten(0, 1), tgt)
+        cost = torch.nan_to_num(cost, nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
+        cost = cost.view(len(pos_rows), num_queries, -1).cpu()
+        start = 0
+        for i, r in enumerate(pos_rows):
+            c = cost[i, :, start : start + sizes[r]]
+            start += sizes[r]
+            q, t = linear_sum_assignment(c.numpy())
+            indices[r] = (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64))
+        return indices

@@ -1,0 +1,453 @@
+"""Validation metrics: mask IoU / Dice, matched-instance IoU / Dice, SAM 3's cgF1 (IL_MCC, pmF1) and COCO AP.
+
+Conventions: one (image, prompt) pair is one batch row; masks are bool tensors of one pixel space per pair
+(or per image for COCO AP); a prediction's score is the caller's (SAM 3 uses sigmoid(logit) *
+sigmoid(presence)). Accumulators keep only small counts or RLE-encoded detections, never dense masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchvision.ops import box_convert
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+"""0.50:0.05:0.95, as COCO and SAM 3's cgF1."""
+
+
+def _check_masks(name: str, masks: Tensor) -> None:
+    if masks.dtype != torch.bool or masks.dim() != 3:
+        raise TypeError(f"{name} must be a bool tensor (N,H,W), got {masks.dtype} {tuple(masks.shape)}")
+
+
+def _overlaps(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Intersections (N,M) and areas (N,), (M,) of bool masks (N,H,W), (M,H,W), as float64."""
+    _check_masks("pred", pred)
+    _check_masks("gt", gt)
+    if pred.shape[-2:] != gt.shape[-2:]:
+        raise ValueError(f"mask sizes differ: {tuple(pred.shape[-2:])} vs {tuple(gt.shape[-2:])}")
+    p = pred.flatten(1).to(torch.float32)
+    g = gt.flatten(1).to(pred.device, torch.float32)
+    # float32 counts are exact up to 2^24 pixels; autocast off so that a bf16 context cannot round them
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        inter = p @ g.T if len(p) and len(g) else p.new_zeros(len(p), len(g))
+    return inter.double(), p.sum(1).double(), g.sum(1).double()
+
+
+def mask_iou(pred: Tensor, gt: Tensor) -> Tensor:
+    """Pairwise IoU of bool masks: pred (N,H,W), gt (M,H,W) -> (N,M) float64. Empty vs empty is 0.
+
+    Uses one (N, H*W) x (H*W, M) product: memory O((N+M) H W) floats, so pass only the masks you need.
+    """
+    inter, area_p, area_g = _overlaps(pred, gt)
+    union = area_p[:, None] + area_g[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+def mask_dice(pred: Tensor, gt: Tensor) -> Tensor:
+    """Pairwise Dice 2|A&B| / (|A|+|B|) of bool masks (N,H,W), (M,H,W) -> (N,M) float64; empty vs empty: 0."""
+    inter, area_p, area_g = _overlaps(pred, gt)
+    total = area_p[:, None] + area_g[None, :]
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.zeros_like(inter))
+
+
+def _paired_iou_dice(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and Dice of corresponding bool masks (K,H,W), (K,H,W) -> (K,), (K,) float64."""
+    p, g = pred.flatten(1), gt.flatten(1).to(pred.device)
+    inter = (p & g).sum(1).double()
+    area_p, area_g = p.sum(1).double(), g.sum(1).double()
+    union, total = area_p + area_g - inter, area_p + area_g
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.zeros_like(inter))
+    return iou, dice
+
+
+def matched_iou_dice(
+    pred_masks: Tensor,
+    scores: Tensor,
+    gt_masks: Tensor,
+    score_threshold: float = 0.5,
+    indices: tuple[Tensor, Tensor] | None = None,
+    gt_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """IoU and Dice of every counted GT instance of one (image, prompt) pair with its matched prediction.
+
+    What counts (val/iou, val/dice): each GT instance with a mask (``gt_valid``, default all) gets the IoU /
+    Dice of the prediction it is matched to if that prediction scores >= ``score_threshold``, else 0 (missed
+    instances count as 0, so a model cannot look good by predicting little). Predictions never matched do not
+    count here (false positives are what cgF1 measures); pairs without GT contribute nothing.
+
+    Matching: ``indices = (query_idx, target_idx)`` from ``Sam3Criterion.match`` (no second matching;
+    query_idx indexes ``pred_masks``), or, when None, a Hungarian matching on mask IoU among the predictions
+    above the threshold.
+
+    Args:
+        pred_masks: (P,H,W) bool binarised predictions (e.g. all Q queries).
+        scores: (P,) prediction scores.
+        gt_masks: (G,H,W) bool.
+        gt_valid: (G,) bool, instances that carry a real mask (``has_mask``).
+    Returns:
+        (iou, dice), each (G_valid,) float64 on ``pred_masks``' device.
+    """
+    _check_masks("pred_masks", pred_masks)
+    _check_masks("gt_masks", gt_masks)
+    num_gt = len(gt_masks)
+    iou = torch.zeros(num_gt, dtype=torch.float64, device=pred_masks.device)
+    dice = torch.zeros_like(iou)
+    scores = scores.to(pred_masks.device)
+    if indices is not None:
+        q, t = (x.to(pred_masks.device) for x in indices)
+        ok = scores[q] >= score_threshold
+        q, t = q[ok], t[ok]
+        if len(q):
+            iou[t], dice[t] = _paired_iou_dice(pred_masks[q], gt_masks[t])
+    else:
+        kept = torch.nonzero(scores >= score_threshold).flatten()
+        if len(kept) and num_gt:
+            ious = mask_iou(pred_masks[kept], gt_masks)
+            qi, ti = linear_sum_assignment(-ious.cpu().numpy())
+            q = kept[torch.as_tensor(qi, device=kept.device)]
+            t = torch.as_tensor(ti, device=pred_masks.device)
+            iou[t], dice[t] = _paired_iou_dice(pred_masks[q], gt_masks[t])
+    if gt_valid is not None:
+        valid = gt_valid.to(pred_masks.device).bool()
+        iou, dice = iou[valid], dice[valid]
+    return iou, dice
+
+
+class MatchedIoUDice:
+    """Mean matched-instance IoU and Dice over a dataset (see ``matched_iou_dice`` for what counts)."""
+
+    def __init__(self, score_threshold: float = 0.5) -> None:
+        self.score_threshold = score_threshold
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.sums = np.zeros(3, dtype=np.float64)  # iou sum, dice sum, instance count
+
+    def update(
+        self,
+        pred_masks: Tensor,
+        scores: Tensor,
+        gt_masks: Tensor,
+        indices: tuple[Tensor, Tensor] | None = None,
+        gt_valid: Tensor | None = None,
+    ) -> None:
+        """Add one (image, prompt) pair; arguments as ``matched_iou_dice``."""
+        iou, dice = matched_iou_dice(pred_masks, scores, gt_masks, self.score_threshold, indices, gt_valid)
+        self.sums += np.array([float(iou.sum()), float(dice.sum()), len(iou)])
+
+    def all_reduce(self) -> None:
+        """Sum the state over DDP processes (no-op outside torch.distributed)."""
+        self.sums = _all_reduce_sum(self.sums)
+
+    def compute(self) -> dict[str, float]:
+        """``{"iou": mean, "dice": mean, "num_instances": n}``; means are 0 when no GT instance was seen."""
+        n = self.sums[2]
+        return {
+            "iou": float(self.sums[0] / n) if n else 0.0,
+            "dice": float(self.sums[1] / n) if n else 0.0,
+            "num_instances": float(n),
+        }
+
+
+def _all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """Sum a float64/int64 array over DDP processes (returned unchanged outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().numpy().astype(values.dtype)
+
+
+class CgF1Accumulator:
+    """SAM 3's classification-gated F1 over (image, prompt) pairs, following ``sam3/eval/cgf1_eval.py``.
+
+    Per pair: predictions with score >= ``score_threshold`` are kept and Hungarian-matched to the GT masks on
+    IoU (maximising total IoU, once); at each IoU threshold t in 0.50:0.05:0.95 a match with IoU >= t is a TP,
+    FP = kept - TP, FN = GT - TP. Pair level: "has GT" vs "has kept predictions" gives IL_TP/FP/TN/FN.
+
+    Dataset level, per threshold: TP and FN are summed over every pair with GT (a pair with GT and no
+    predictions adds all its GT to FN); FP only over pairs with both GT and predictions (predictions on a
+    GT-free pair are image-level false positives, which IL_MCC punishes). pmF1_t = 2TP / (2TP + FP + FN).
+    IL_MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) over pairs. cgF1 = mean_t(pmF1_t * IL_MCC).
+
+    Returned scale as in the paper (cgF1 54.1, IL_MCC 0.82, pmF1 66.1): cgF1, pmF1 x100; IL_MCC in [-1, 1].
+
+    Edge cases (the official code uses small epsilons instead and returns ~0 in all of them):
+    - pmF1_t with an empty denominator (no GT on any pair and no FP to count) is 1: nothing to find, nothing
+      wrongly found.
+    - IL_MCC with a zero denominator (all pairs positive, or all negative, or nothing predicted / everything
+      predicted) is 1 when the pair-level classification has no error (IL_FP = IL_FN = 0) and 0 otherwise.
+      This differs from the official 0 only for an error-free run on a one-sided set (e.g. a validation set
+      without negative prompts), where the official cgF1 would be 0 whatever the masks.
+    """
+
+    def __init__(self, score_threshold: float = 0.5, iou_thresholds: Sequence[float] = tuple(IOU_THRESHOLDS)):
+        self.score_threshold = score_threshold
+        self.iou_thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        k = len(self.iou_thresholds)
+        self.il = np.zeros(4, dtype=np.int64)  # IL_TP, IL_FP, IL_TN, IL_FN
+        self.tp = np.zeros(k, dtype=np.int64)
+        self.fp = np.zeros(k, dtype=np.int64)  # only on pairs with GT and predictions
+        self.fn = np.zeros(k, dtype=np.int64)
+
+    def update(self, pred_masks: Tensor, scores: Tensor, gt_masks: Tensor) -> None:
+        """Add one (image, prompt) pair: pred_masks (P,H,W) bool, scores (P,), gt_masks (G,H,W) bool."""
+        _check_masks("pred_masks", pred_masks)
+        _check_masks("gt_masks", gt_masks)
+        kept = pred_masks[scores.to(pred_masks.device) >= self.score_threshold]
+        num_dt, num_gt = len(kept), len(gt_masks)
+        if num_gt == 0:
+            self.il[1 if num_dt else 2] += 1
+            return
+        if num_dt == 0:
+            self.il[3] += 1
+            self.fn += num_gt
+            return
+        self.il[0] += 1
+        ious = mask_iou(kept, gt_masks).cpu().numpy()
+        qi, ti = linear_sum_assignment(-ious)
+        matched = ious[qi, ti]
+        tp = (matched[None, :] >= self.iou_thresholds[:, None] - 1e-12).sum(1)
+        self.tp += tp
+        self.fp += num_dt - tp
+        self.fn += num_gt - tp
+
+    def all_reduce(self) -> None:
+        """Sum the counts over DDP processes (no-op outside torch.distributed)."""
+        merged = _all_reduce_sum(np.concatenate([self.il, self.tp, self.fp, self.fn]))
+        k = len(self.iou_thresholds)
+        self.il, self.tp, self.fp, self.fn = (
+            merged[:4],
+            merged[4 : 4 + k],
+            merged[4 + k : 4 + 2 * k],
+            merged[4 + 2 * k :],
+        )
+
+    def il_mcc(self) -> float:
+        """Matthews correlation of "pair has GT" vs "pair has predictions" (edge cases: class docstring)."""
+        tp, fp, tn, fn = (float(x) for x in self.il)
+        den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+        if den == 0:
+            return 1.0 if fp == 0 and fn == 0 and tp + tn > 0 else 0.0
+        return (tp * tn - fp * fn) / float(np.sqrt(den))
+
+    def pm_f1_per_threshold(self) -> np.ndarray:
+        """Positive micro F1 at each IoU threshold, in [0, 1] (edge cases: class docstring)."""
+        den = 2 * self.tp + self.fp + self.fn
+        return np.where(den > 0, 2 * self.tp / np.maximum(den, 1), 1.0)
+
+    def compute(self) -> dict[str, float]:
+        """``{"cgF1": x100, "IL_MCC": [-1,1], "pmF1": x100, "num_pairs": n}``; all 0 before any update."""
+        if self.il.sum() == 0:
+            return {"cgF1": 0.0, "IL_MCC": 0.0, "pmF1": 0.0, "num_pairs": 0.0}
+        mcc = self.il_mcc()
+        pm = self.pm_f1_per_threshold()
+        return {
+            "cgF1": float(100.0 * np.mean(pm * mcc)),
+            "IL_MCC": float(mcc),
+            "pmF1": float(100.0 * pm.mean()),
+            "num_pairs": float(self.il.sum()),
+        }
+
+
+def encode_masks(masks: Tensor) -> list[dict[str, Any]]:
+    """Bool masks (N,H,W) -> N COCO RLEs ``{"size": [H, W], "counts": str}`` (JSON-ready)."""
+    _check_masks("masks", masks)
+    if len(masks) == 0:
+        return []
+    arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    rles = mask_utils.encode(arr)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _xyxy_to_xywh(boxes: Tensor) -> list[list[float]]:
+    return box_convert(boxes.detach().float().cpu().reshape(-1, 4), "xyxy", "xywh").tolist()
+
+
+def write_coco_results(path: str | os.PathLike[str], results: Iterable[dict[str, Any]]) -> Path:
+    """Write COCO-format detections as one JSON list, atomically (temporary file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(list(results), f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class CocoApAccumulator:
+    """COCO AP / AP50 / AP75 for ``segm`` and ``bbox`` with pycocotools, fed one (image, category) at a time.
+
+    Ground truth comes with the pairs (every category is queried on every image, so an image with GT-free
+    pairs is still evaluated). Detections are RLE-encoded on arrival; ``compute`` keeps the top ``max_dets``
+    scores per image across categories, then runs ``COCOeval`` (maxDets 1, 10, max_dets).
+
+    Box-only GT instances (``gt_has_mask`` False) count normally for ``bbox``; for ``segm`` they become crowd
+    regions shaped as their box, so detections on them are ignored rather than counted as false positives.
+    All masks and boxes of one image must live in the same pixel space (boxes xyxy in pixels).
+    """
+
+    def __init__(self, max_dets: int = 100, iou_types: Sequence[str] = ("segm", "bbox")) -> None:
+        unknown = set(iou_types) - {"segm", "bbox"}
+        if unknown:
+            raise ValueError(f"unknown iou types {sorted(unknown)}")
+        self.max_dets = max_dets
+        self.iou_types = tuple(iou_types)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.images: dict[int, tuple[int, int]] = {}
+        self.categories: set[int] = set()
+        self.gts: list[dict[str, Any]] = []
+        self.dets: list[dict[str, Any]] = []
+
+    def update(
+        self,
+        image_id: int,
+        category_id: int,
+        image_size: tuple[int, int],
+        pred_scores: Tensor,
+        pred_boxes: Tensor | None = None,
+        pred_masks: Tensor | None = None,
+        gt_boxes: Tensor | None = None,
+        gt_masks: Tensor | None = None,
+        gt_has_mask: Tensor | None = None,
+    ) -> None:
+        """Add one (image, category) pair.
+
+        Args:
+            image_size: (H, W) of the pixel space of the boxes and masks.
+            pred_scores: (P,); pred_boxes (P,4) xyxy pixels (needed for bbox); pred_masks (P,H,W) bool (segm).
+            gt_boxes: (G,4) xyxy pixels; gt_masks (G,H,W) bool; gt_has_mask (G,) bool (default all True when
+                gt_masks is given). G may be 0 (negative prompt).
+        """
+        image_id, category_id = int(image_id), int(category_id)
+        size = (int(image_size[0]), int(image_size[1]))
+        if self.images.setdefault(image_id, size) != size:
+            raise ValueError(f"image {image_id}: size {size} differs from {self.images[image_id]}")
+        self.categories.add(category_id)
+        num_pred = len(pred_scores)
+        if "bbox" in self.iou_types and pred_boxes is None and num_pred:
+            raise ValueError("bbox evaluation needs pred_boxes")
+        if "segm" in self.iou_types and pred_masks is None and num_pred:
+            raise ValueError("segm evaluation needs pred_masks")
+        scores = pred_scores.detach().float().cpu().tolist()
+        boxes = _xyxy_to_xywh(pred_boxes) if pred_boxes is not None else [None] * num_pred
+        rles = encode_masks(pred_masks) if pred_masks is not None else [None] * num_pred
+        for score, box, rle in zip(scores, boxes, rles, strict=True):
+            det: dict[str, Any] = {"image_id": image_id, "category_id": category_id, "score": score}
+            if box is not None:
+                det["bbox"] = box
+            if rle is not None:
+                det["segmentation"] = rle
+            self.dets.append(det)
+
+        num_gt = 0 if gt_boxes is None else len(gt_boxes)
+        if num_gt == 0:
+            return
+        gt_xywh = _xyxy_to_xywh(gt_boxes)
+        has_mask = (
+            gt_has_mask.bool().cpu().tolist() if gt_has_mask is not None else [gt_masks is not None] * num_gt
+        )
+        gt_rles = encode_masks(gt_masks) if gt_masks is not None else [None] * num_gt
+        for box, rle, has in zip(gt_xywh, gt_rles, has_mask, strict=True):
+            self.gts.append(
+                {"image_id": image_id, "category_id": category_id, "bbox": box, "rle": rle if has else None}
+            )
+
+    def results(self) -> list[dict[str, Any]]:
+        """Detections in COCO results format (``bbox`` xywh pixels, ``segmentation`` RLE with str counts),
+        top ``max_dets`` per image."""
+        per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for det in self.dets:
+            per_image[det["image_id"]].append(det)
+        kept = []
+        for dets in per_image.values():
+            kept.extend(sorted(dets, key=lambda d: -d["score"])[: self.max_dets])
+        return kept
+
+    def _gt_coco(self, iou_type: str) -> COCO:
+        height_width = self.images
+        anns = []
+        for i, gt in enumerate(self.gts, start=1):
+            x, y, w, h = gt["bbox"]
+            ann = {"id": i, "image_id": gt["image_id"], "category_id": gt["category_id"], "bbox": gt["bbox"]}
+            if iou_type == "segm" and gt["rle"] is None:  # box-only: a crowd region shaped as its box
+                hh, ww = height_width[gt["image_id"]]
+                poly = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                ann["segmentation"] = mask_utils.merge(mask_utils.frPyObjects(poly, hh, ww))
+                ann["iscrowd"] = 1
+            else:
+                ann["segmentation"] = gt["rle"] if gt["rle"] is not None else []
+                ann["iscrowd"] = 0
+            ann["area"] = float(mask_utils.area(gt["rle"])) if gt["rle"] is not None else float(w * h)
+            anns.append(ann)
+        dataset = {
+            "images": [{"id": i, "height": hw[0], "width": hw[1]} for i, hw in self.images.items()],
+            "categories": [{"id": c, "name": str(c)} for c in sorted(self.categories)],
+            "annotations": anns,
+        }
+        coco = COCO()
+        coco.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    def _evaluate(self, iou_type: str, dets: list[dict[str, Any]]) -> list[float]:
+        """[AP, AP50, AP75] for one iou type; -1 where COCO has no GT, 0 with GT but no detections."""
+        if not self.gts:
+            return [-1.0, -1.0, -1.0]
+        key = "segmentation" if iou_type == "segm" else "bbox"
+        res = [{k: d[k] for k in ("image_id", "category_id", "score", key)} for d in dets]
+        if not res:
+            return [0.0, 0.0, 0.0]
+        coco_gt = self._gt_coco(iou_type)
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(res)
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.maxDets = [1, 10, self.max_dets]
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return [float(s) for s in ev.stats[:3]]
+
+    def compute(self) -> dict[str, float]:
+        """``{"segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", ...}`` in [0, 1] (per requested iou type)."""
+        dets = self.results()
+        out: dict[str, float] = {}
+        for iou_type in self.iou_types:
+            ap, ap50, ap75 = self._evaluate(iou_type, dets)
+            out.update({f"{iou_type}_AP": ap, f"{iou_type}_AP50": ap50, f"{iou_type}_AP75": ap75})
+        return out

@@ -1,0 +1,78 @@
+"""Load SAM 3 (hub id, local directory or the offline ``tiny`` preset) as ``(Sam3Model, Sam3Processor)``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import Sam3Config, Sam3Model, Sam3Processor
+
+from sam3lora.model.tiny import materialise_tiny
+
+HUB_ID = "facebook/sam3"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
+
+
+def resolve(name_or_path: str, seed: int = 0) -> str:
+    """Map a preset name to what ``from_pretrained`` takes: ``tiny`` -> its local directory, ``sam3`` -> hub id."""
+    if name_or_path == "tiny":
+        return str(materialise_tiny(seed))
+    if name_or_path == "sam3":
+        return HUB_ID
+    return name_or_path
+
+
+def load_model(
+    name_or_path: str = HUB_ID,
+    *,
+    image_size: int | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    token: str | None = None,
+) -> tuple[Sam3Model, Sam3Processor]:
+    """Return ``(model, processor)`` from a hub id, a local directory or the ``tiny`` preset.
+
+    Args:
+        name_or_path: ``facebook/sam3`` (or ``sam3``), a local transformers directory, or ``tiny``.
+        image_size: if given, must equal the model's input size (catches a data config made for another model).
+        dtype: ``float32 | bfloat16 | float16`` for the base weights.
+        seed: weight seed of the ``tiny`` preset (ignored otherwise).
+        token: Hugging Face token; defaults to ``$HF_TOKEN`` (the real weights are gated).
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    source = resolve(name_or_path, seed)
+    token = token or os.environ.get("HF_TOKEN")
+    try:
+        model = Sam3Model.from_pretrained(source, dtype=_DTYPES[dtype], token=token)
+        processor = Sam3Processor.from_pretrained(source, token=token)
+    except OSError as err:  # gated repo, no network, missing files: transformers raises OSError subclasses
+        raise ModelLoadError(_explain(source, err)) from err
+    if image_size is not None and model.config.image_size != image_size:
+        raise ValueError(
+            f"model.image_size={image_size} but {name_or_path} takes {model.config.image_size} px images; "
+            "set model.image_size to the model's size"
+        )
+    return model.eval(), processor
+
+
+def _explain(source: str, err: Exception) -> str:
+    if Path(source).exists():
+        return f"could not load SAM 3 from the local directory {source}: {err}"
+    return (
+        f"could not load {source!r} from the Hugging Face hub: {err}\n"
+        "SAM 3's weights are gated: accept the licence at https://huggingface.co/facebook/sam3, create a token "
+        "(https://huggingface.co/settings/tokens) and export HF_TOKEN=... (or run `hf auth login`). Offline, "
+        "point model.name_or_path at a local copy (a directory made by save_pretrained), or use model=tiny."
+    )
+
+
+def meta_model(config: Sam3Config | None = None) -> Sam3Model:
+    """The architecture without memory (meta device): the released SAM 3 when ``config`` is None."""
+    with torch.device("meta"):
+        return Sam3Model(config or Sam3Config())

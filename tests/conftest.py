@@ -1,0 +1,56 @@
+"""Shared fixtures: offline hub, a per-session preset cache, the tiny model and a seeded input batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sam3lora_home(tmp_path_factory: pytest.TempPathFactory):
+    """Materialised presets go to a fresh directory per test session (never the user's cache)."""
+    home = tmp_path_factory.mktemp("sam3lora_home")
+    old = os.environ.get("SAM3LORA_HOME")
+    os.environ["SAM3LORA_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("SAM3LORA_HOME", None)
+    else:
+        os.environ["SAM3LORA_HOME"] = old
+
+
+@pytest.fixture
+def tiny():
+    """A fresh ``(model, processor)`` of the tiny preset (seed 0), loaded through ``from_pretrained``."""
+    from sam3lora.model import load_model
+
+    return load_model("tiny")
+
+
+def make_inputs(processor, rows: int = 2, boxes: bool = False, text: bool = True, seed: int = 0) -> dict:
+    """Model inputs for ``rows`` (image, prompt) rows at the processor's size; boxes are normalised cxcywh."""
+    g = torch.Generator().manual_seed(seed)
+    size = processor.image_processor.size["height"]
+    prompts = ["red circle", "blue square", "green triangle", "yellow star"][:rows]
+    tokens = processor.tokenizer(
+        prompts if text else ["visual"] * rows, padding="max_length", max_length=32, return_tensors="pt"
+    )
+    inputs = {
+        "pixel_values": torch.randn(rows, 3, size, size, generator=g),
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+    }
+    if boxes:
+        centre = torch.rand(rows, 2, 2, generator=g) * 0.4 + 0.3
+        wh = torch.rand(rows, 2, 2, generator=g) * 0.2 + 0.1
+        inputs["input_boxes"] = torch.cat([centre, wh], dim=-1)
+        inputs["input_boxes_labels"] = torch.tensor([[1, 0]] * rows)
+    else:  # one padding box: the geometry encoder still adds its CLS token, as the official model does
+        inputs["input_boxes"] = torch.zeros(rows, 1, 4)
+        inputs["input_boxes_labels"] = torch.full((rows, 1), -10)
+    return inputs
