@@ -387,6 +387,19 @@ class CocoApAccumulator:
                 {"image_id": image_id, "category_id": category_id, "bbox": box, "rle": rle if has else None}
             )
 
+    def all_gather(self) -> None:
+        """Merge the pairs seen by every DDP process into each process (no-op outside torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, (self.images, self.categories, self.gts, self.dets))
+        self.reset()
+        for images, categories, gts, dets in states:
+            self.images.update(images)
+            self.categories.update(categories)
+            self.gts.extend(gts)
+            self.dets.extend(dets)
+
     def results(self) -> list[dict[str, Any]]:
         """Detections in COCO results format (``bbox`` xywh pixels, ``segmentation`` RLE with str counts),
         top ``max_dets`` per image."""

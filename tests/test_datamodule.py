@@ -153,15 +153,18 @@ def test_random_square_pads_and_keeps_objects_consistent(processor, data_dir):
     dm = make_dm(processor, data_dir, batch_size=6, train_transforms={"resize": "random_square",
                                                                       "scale_range": [0.5, 0.75]})
     b = first(dm.train_dataloader())
+    corners = set()
     for i in range(b.num_images):
         black = (b.pixel_values[i] == -1).all(0)  # zero padding (pixel 0 -> -1 after normalisation)
         rows_black, cols_black = black.all(1), black.all(0)
+        corners.add((int((~rows_black).nonzero()[0]), int((~cols_black).nonzero()[0])))
         assert rows_black.sum() >= S - 168 and cols_black.sum() >= S - 168  # content side <= 0.75 * 224
         for row in b.rows_of_image(i):
             t = b.targets[row]
             assert torch.allclose(t["boxes"], tight_boxes(t["masks"]))
             ys, xs = torch.nonzero(t["masks"].any(0), as_tuple=True)
             assert not rows_black[ys].any() and not cols_black[xs].any()  # objects lie in the content
+    assert len(corners) > 1  # each image draws its own size and position
 
 
 @pytest.mark.parametrize("mode", ["text", "box", "text+box"])
@@ -360,3 +363,83 @@ def test_collated_batch_runs_through_the_tiny_model(tiny_model, data_dir):
     assert out.pred_logits.shape == (r, q) and out.pred_boxes.shape == (r, q, 4)
     assert out.presence_logits.shape == (r, 1)
     assert out.pred_masks.shape[:2] == (r, q) and out.pred_masks.shape[-1] == S * 2 // 7  # H / 3.5
+
+
+def _write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> Path:
+    (root / "train" / "images").mkdir(parents=True)
+    for img in images:
+        Image.fromarray(np.zeros((img["height"], img["width"], 3), np.uint8)).save(root / "train" / "images" /
+                                                                                  img["file_name"])
+    data = {"images": images, "annotations": annotations, "categories": categories}
+    (root / "train" / "annotations.json").write_text(json.dumps(data))
+    return root
+
+
+def test_coco_reader_reads_masks_boxes_prompts_and_skips_crowds(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from sam3lora.data.readers import CocoReader
+
+    square = np.zeros((32, 40), np.uint8, order="F")
+    square[4:12, 20:30] = 1
+    rle = mask_utils.encode(square)
+    rle["counts"] = rle["counts"].decode()
+    images = [{"id": 3, "file_name": "a.png", "width": 40, "height": 32}]
+    annotations = [
+        {"id": 1, "image_id": 3, "category_id": 1, "bbox": [2, 2, 6, 6], "iscrowd": 0,
+         "segmentation": [[2, 2, 8, 2, 8, 8, 2, 8]]},
+        {"id": 2, "image_id": 3, "category_id": 2, "bbox": [20, 4, 10, 8], "iscrowd": 0, "segmentation": rle},
+        {"id": 3, "image_id": 3, "category_id": 2, "bbox": [0, 20, 40, 12], "iscrowd": 1, "segmentation": rle},
+        {"id": 4, "image_id": 3, "category_id": 1, "bbox": [30, 20, 5, 5], "segmentation": [], "box_only": True},
+    ]
+    categories = [{"id": 1, "name": "red circle", "prompts": ["red circle", "crimson disc"]},
+                  {"id": 2, "name": "blue square"}]
+    original = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    reader = CocoReader(_write_coco(tmp_path / "ds", images, annotations, categories), "train")
+    assert dict(reader.categories()) == {1: ["red circle", "crimson disc"], 2: ["blue square"]}
+    (record,) = reader.images()
+    assert (record.id, record.width, record.height) == (3, 40, 32)
+    assert record.path == tmp_path / "ds" / "train" / "images" / "a.png"
+    poly, mask, box_only = reader.instances(record)  # the crowd annotation is skipped
+    assert poly.category_id == 1 and poly.mask.shape == (32, 40) and poly.mask[3:8, 3:8].all()
+    assert np.array_equal(mask.mask.astype(np.uint8), square) and mask.bbox == (20.0, 4.0, 10.0, 8.0)
+    assert box_only.mask is None and box_only.bbox == (30.0, 20.0, 5.0, 5.0)
+    assert reader.load_image(record).shape == (32, 40, 3)
+    assert (tmp_path / "ds" / "train" / "annotations.json").read_text() == original  # input untouched
+
+
+def test_coco_reader_errors_name_the_file(tmp_path):
+    from sam3lora.data.readers import CocoReader
+
+    images = [{"id": 1, "file_name": "a.png", "width": 16, "height": 16},
+              {"id": 2, "file_name": "b.png", "width": 16, "height": 16}]
+    categories = [{"id": 1, "name": "dot"}]
+    bad = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "segmentation": [[1, 2, 3]]}]
+    root = _write_coco(tmp_path / "ds", images, bad, categories)
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / "train" / "images" / "b.png")  # wrong size
+    reader = CocoReader(root, "train")
+    a, b = reader.images()
+    with pytest.raises(BadSampleError, match=r"annotations\.json: annotation 1: polygon with 3 coordinates"):
+        reader.instances(a)
+    with pytest.raises(BadSampleError, match=r"b\.png: image is 16x8 \(WxH\) but annotated as 16x16"):
+        reader.load_image(b)
+    unknown = [{"id": 5, "image_id": 1, "category_id": 9, "bbox": [0, 0, 4, 4], "segmentation": []}]
+    with pytest.raises(DataError, match=r"annotations\.json: annotation 5 names unknown category 9"):
+        CocoReader(_write_coco(tmp_path / "ds2", images[:1], unknown, categories), "train")
+    with pytest.raises(DataError, match=r"missing.*annotations\.json: file not found"):
+        CocoReader(tmp_path / "missing", "train")
+
+
+def test_batch_moves_to_a_device_and_pins_every_tensor(processor, data_dir, monkeypatch):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    b = first(make_dm(processor, data_dir, batch_size=2).train_dataloader())
+    moved = move_data_to_device(b, torch.device("meta"))  # what Lightning does before training_step
+    assert isinstance(moved, Sam3Batch) and moved.prompts == b.prompts
+    assert all(t.device.type == "meta" for t in (moved.pixel_values, moved.image_index, moved.input_boxes))
+    assert all(v.device.type == "meta" for t in moved.targets for v in t.values())
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)  # no CUDA here
+    copy = b.pin_memory()
+    assert isinstance(copy, Sam3Batch) and copy.num_rows == b.num_rows
+    assert len(pinned) == 9 + 3 * b.num_rows  # 9 tensor fields + boxes/masks/has_mask of every target

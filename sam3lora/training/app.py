@@ -2,17 +2,86 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
 
+from sam3lora.lora import apply_lora
+from sam3lora.model import load_model
 from sam3lora.training.dry_run import dry_run
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+TABLE_METRICS = ("val/iou", "val/dice", "val/cgF1", "val/IL_MCC", "val/pmF1", "val/segm_AP", "val/bbox_AP")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that names the config key when the node's arguments are wrong."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as err:  # Hydra wraps the target's TypeError/ValueError in InstantiationException
+        cause = err.__cause__ or err
+        raise ConfigError(f"{key}: {cause}") from err
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Run one job of ``sam3lora-train``; returns ``cfg.optimized_metric`` for sweepers (None for a dry run)."""
+    """Run one job of ``sam3lora-train``; returns ``cfg.optimized_metric`` of the best checkpoint (sweepers)."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    lora = build(cfg.lora, "lora")
     if cfg.dry_run:
-        out_dir = HydraConfig.get().runtime.output_dir
-        dry_run(cfg.model.name_or_path, instantiate(cfg.lora), out_dir, seed=cfg.model.seed)
+        dry_run(cfg.model.name_or_path, lora, out_dir, seed=cfg.model.seed)
         return None
-    raise NotImplementedError("training is not wired yet: use dry_run=true")
+    L.seed_everything(cfg.seed, workers=True)
+    model, processor = load_model(**cfg.model)
+    module = build(
+        cfg.module, "module", model=apply_lora(model, lora), criterion=build(cfg.loss, "loss"), lora_settings=lora
+    )
+    datamodule = build(cfg.data, "data", processor=processor)
+    callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items()]
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    start = None
+    if cfg.compare_with_start and cfg.ckpt_path is None:
+        start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+    results = {"start": start, "best": best, "best_checkpoint": best_path, "output_dir": str(out_dir)}
+    if trainer.is_global_zero:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print_results(start, best)
+    metric = best.get(cfg.optimized_metric)
+    if metric is None:
+        raise ConfigError(f"optimized_metric={cfg.optimized_metric!r} was not logged; logged: {sorted(best)}")
+    return float(metric)
+
+
+def print_results(start: dict[str, float] | None, best: dict[str, float], console: Console | None = None) -> None:
+    """Table of validation metrics: the untrained start beside the best checkpoint."""
+    table = Table(title="validation: start vs best checkpoint")
+    table.add_column("metric")
+    if start is not None:
+        table.add_column("start", justify="right")
+    table.add_column("best", justify="right")
+    for key in TABLE_METRICS:
+        if key not in best:
+            continue
+        row = [key] + ([f"{start.get(key, float('nan')):.4f}"] if start is not None else []) + [f"{best[key]:.4f}"]
+        table.add_row(*row)
+    (console or Console()).print(table)

@@ -1,0 +1,172 @@
+"""Callbacks: the best adapter in PEFT format, and plots (loss curves, predictions vs ground truth)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from sam3lora.adapter import save_adapter
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class BestAdapterExport(L.Callback):
+    """Save the adapter (PEFT format + ``sam3lora.json``) to ``dirpath`` whenever ``monitor`` improves.
+
+    ``dirpath`` then always holds the best adapter so far, loadable with ``peft.PeftModel.from_pretrained``;
+    ``dirpath/../best_adapter.json`` records the epoch, step and score it came from.
+    """
+
+    def __init__(self, dirpath: str, monitor: str, mode: str = "max") -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"callbacks.best_adapter.mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = Path(dirpath)
+        self.monitor = monitor
+        self.mode = mode
+        self.best: float | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value)
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(f"callbacks.best_adapter.monitor={self.monitor!r} was not logged; logged: "
+                           f"{sorted(trainer.callback_metrics)}")
+        value = float(trainer.callback_metrics[self.monitor])
+        if not self._improved(value):
+            return
+        self.best = value
+        if trainer.is_global_zero:
+            save_adapter(pl_module.model, self.dirpath, settings=getattr(pl_module, "lora_settings", None))
+            record = {"monitor": self.monitor, "score": value, "epoch": trainer.current_epoch,
+                      "global_step": trainer.global_step}
+            (self.dirpath.parent / "best_adapter.json").write_text(json.dumps(record, indent=2))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+_PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                     [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.float32) / 255.0
+
+
+def _overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend (N,H,W) bool masks over an (H,W,3) float image in [0,1], one colour per instance."""
+    out = image.copy()
+    for i, mask in enumerate(masks):
+        colour = _PALETTE[i % len(_PALETTE)]
+        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    return out
+
+
+class TrainingPlots(L.Callback):
+    """Plots written under ``dirpath`` (and to TensorBoard when it is a logger).
+
+    - ``curves.png`` at the end of fitting: every logged training loss term per step and every validation
+      metric per epoch.
+    - ``val_epoch{N}.png`` each validation epoch: up to ``max_images`` rows of the first validation batch,
+      ground truth beside predictions (scores >= the module's ``score_threshold``).
+    """
+
+    def __init__(self, dirpath: str, max_images: int = 4) -> None:
+        self.dirpath = Path(dirpath)
+        self.max_images = max_images
+        self.train_history: dict[str, list[tuple[int, float]]] = {}
+        self.val_history: dict[str, list[tuple[int, float]]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/") and "_aux" not in key:
+                self.train_history.setdefault(key, []).append((trainer.global_step, float(value)))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("val/"):
+                self.val_history.setdefault(key, []).append((trainer.current_epoch, float(value)))
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(outputs, dict):
+            return
+        figure = self.prediction_grid(trainer, pl_module, batch, outputs)
+        name = f"val_epoch{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else f"val_{trainer.state.fn}"
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        figure.savefig(self.dirpath / f"{name}.png", dpi=80)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("val/predictions", figure, global_step=trainer.global_step)
+        plt.close(figure)
+
+    def prediction_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict) -> Any:
+        processor = trainer.datamodule.processor
+        mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+        threshold = pl_module.metric_settings.score_threshold
+        scores = (outputs["pred_logits"].sigmoid() * outputs["presence_logits"].sigmoid()).float().cpu()
+        size = batch.pixel_values.shape[-2:]
+        positive = [r for r, t in enumerate(batch.targets) if len(t["boxes"])]
+        negative = [r for r, t in enumerate(batch.targets) if not len(t["boxes"])]
+        rows = (positive + negative)[: self.max_images]
+        figure, axes = plt.subplots(len(rows), 2, figsize=(6, 3 * len(rows)), squeeze=False)
+        for ax_row, r in zip(axes, rows, strict=True):
+            pixels = batch.pixel_values[batch.image_index[r]].float().cpu() * std + mean
+            image = pixels.clamp(0, 1).permute(1, 2, 0).numpy()
+            keep = torch.nonzero(scores[r] >= threshold).flatten()
+            logits = outputs["pred_masks"][r, keep.to(outputs["pred_masks"].device)].float()
+            pred = torch.zeros((0, *size), dtype=torch.bool)
+            if len(keep):
+                pred = torch.nn.functional.interpolate(logits[None], size=size, mode="bilinear")[0] > 0
+            gt = batch.targets[r]["masks"].bool().cpu().numpy()
+            ax_row[0].imshow(_overlay(image, gt))
+            ax_row[0].set_title(f"GT: {batch.prompts[r]!r} ({len(gt)})", fontsize=8)
+            ax_row[1].imshow(_overlay(image, pred.cpu().numpy()))
+            best = f", best {scores[r].max():.2f}" if scores.shape[1] else ""
+            ax_row[1].set_title(f"pred ({len(keep)} >= {threshold}{best})", fontsize=8)
+            for ax in ax_row:
+                ax.axis("off")
+        figure.tight_layout()
+        return figure
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        histories = [("training (per step)", self.train_history), ("validation (per epoch)", self.val_history)]
+        keys = [(title, k, h[k]) for title, h in histories for k in sorted(h)]
+        if not keys:
+            return
+        cols = 4
+        n_rows = math.ceil(len(keys) / cols)
+        figure, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)
+        for ax, (title, key, points) in zip(axes.flat, keys, strict=False):
+            x, y = zip(*points, strict=True)
+            ax.plot(x, y, marker="." if len(x) < 50 else None)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step" if title.startswith("training") else "epoch", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(keys):]:
+            ax.axis("off")
+        figure.tight_layout()
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        figure.savefig(self.dirpath / "curves.png", dpi=80)
+        plt.close(figure)

@@ -1,0 +1,300 @@
+"""``Sam3LoRAModule``: SAM 3 + adapters as a LightningModule.
+
+One step: the vision encoder runs once per image of the batch, its features are expanded over that image's
+prompt rows, the rest of SAM 3 runs once per row; the criterion matches and scores; Lightning steps the
+optimiser over adapter parameters only. Earlier decoder layers' outputs (for auxiliary losses) are read with
+forward hooks on ``dot_product_scoring`` and ``detr_decoder`` (per-layer logits and presence) and from
+``decoder_reference_boxes`` (per-layer boxes), so nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+from sam3lora.adapter import base_fingerprint
+from sam3lora.data.batch import Sam3Batch
+from sam3lora.lora import component_of
+from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
+from sam3lora.training.schedule import ScheduleSettings
+
+
+@dataclass
+class MetricSettings:
+    """Attributes:
+    score_threshold: instances with sigmoid(logit) * sigmoid(presence) >= this count (IoU/Dice/cgF1).
+    mask_threshold: mask probability above which a pixel is foreground.
+    ap_every_n_epochs: COCO box/mask AP every N validation epochs (0 = never); every validation outside ``fit``.
+    max_detections: detections per (image, prompt) row kept for AP (COCO keeps 100 per image).
+    """
+
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    ap_every_n_epochs: int = 1
+    max_detections: int = 100
+
+
+class Sam3LoRAModule(L.LightningModule):
+    """Train and validate a (PEFT-wrapped) ``Sam3Model``.
+
+    Args:
+        model: ``Sam3Model`` with adapters (``peft.PeftModel``); only parameters with ``requires_grad`` train.
+        criterion: ``Sam3Criterion`` (or any module with ``match(outputs, targets)`` and
+            ``forward(outputs, targets, indices) -> {"loss": ..., "<term>": ...}``).
+        optimizer: factory ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW, lr=...)``).
+        scheduler: schedule settings; sized from ``trainer.estimated_stepping_batches``.
+        metrics: validation metric settings.
+        component_lr: optional learning rate per component (``vision_encoder``, ``detr_decoder``, ...).
+        lora_settings: the LoRA settings, recorded beside exported adapters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: ScheduleSettings,
+        metrics: MetricSettings,
+        component_lr: Mapping[str, float] | None = None,
+        lora_settings: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.optimizer_factory = optimizer
+        self.schedule = scheduler
+        self.metric_settings = metrics
+        self.component_lr = dict(component_lr or {})
+        self.lora_settings = lora_settings
+        self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint verifies them
+        self._captured: dict[str, Any] = {}
+        base = self.base_model
+        base.get_submodule("dot_product_scoring").register_forward_hook(self._capture("layer_logits"))
+        base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder"))
+        self._checked_unused = False
+        self.iou_dice = MatchedIoUDice(metrics.score_threshold)
+        self.cgf1 = CgF1Accumulator(metrics.score_threshold)
+        self.coco_ap = CocoApAccumulator(max_dets=metrics.max_detections)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+
+    def _capture(self, key: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._captured[key] = output
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, batch: Sam3Batch) -> dict[str, Any]:
+        """Model outputs in the criterion's format (``docs/contracts.md``) for the R rows of ``batch``.
+
+        Returns ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` xyxy, ``presence_logits (R,1)``,
+        ``pred_masks (R,Q,h,w)``, ``semantic_seg (R,1,h,w)`` and ``aux_outputs`` (one dict per earlier layer).
+        """
+        vision = self.model.get_vision_features(pixel_values=batch.pixel_values)  # once per image
+        idx = batch.image_index
+        per_row = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(t[idx] for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(t[idx] for t in vision.fpn_position_encoding),
+        )
+        self._captured.clear()
+        out = self.model(
+            vision_embeds=per_row,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            input_boxes=batch.input_boxes,
+            input_boxes_labels=batch.input_boxes_labels,
+        )
+        layer_logits = self._captured["layer_logits"].squeeze(-1)  # (L,R,Q)
+        layer_presence = self._captured["decoder"].presence_logits  # (L,R,1)
+        layer_boxes = out.decoder_reference_boxes  # (L,R,Q,4) cxcywh: input boxes of each layer
+        aux = [
+            {
+                "pred_logits": layer_logits[i],
+                "pred_boxes": box_convert(layer_boxes[i + 1], "cxcywh", "xyxy"),
+                "presence_logits": layer_presence[i],
+            }
+            for i in range(layer_logits.shape[0] - 1)
+        ]
+        return {
+            "pred_logits": out.pred_logits,
+            "pred_boxes": out.pred_boxes,
+            "presence_logits": out.presence_logits,
+            "pred_masks": out.pred_masks,
+            "semantic_seg": out.semantic_seg,
+            "aux_outputs": aux,
+        }
+
+    # ------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Sam3Batch, batch_idx: int) -> Tensor:
+        outputs = self(batch)
+        losses = self.criterion(outputs, batch.targets)
+        rows = batch.num_rows
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=rows)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=rows)
+        return losses["loss"]
+
+    def on_after_backward(self) -> None:
+        if self._checked_unused:
+            return
+        self._checked_unused = True
+        unused = [n for n, p in self.named_parameters() if p.requires_grad and p.grad is None]
+        if not unused:
+            return
+        message = (
+            f"{len(unused)} trainable parameter(s) got no gradient in the first step, e.g. {unused[:3]}: they "
+            "sit in modules this forward does not use. Remove them from the LoRA preset / modules_to_save"
+        )
+        if self.trainer.world_size > 1:
+            raise RuntimeError(message + " (DDP needs every trainable parameter used, or find_unused_parameters)")
+        warnings.warn(message, stacklevel=1)
+
+    # ------------------------------------------------------------------------------------------- validation
+    def _ap_this_epoch(self) -> bool:
+        n = self.metric_settings.ap_every_n_epochs
+        if n <= 0:
+            return False
+        if self.trainer.state.fn != "fit":
+            return True
+        return (self.current_epoch + 1) % n == 0
+
+    def on_validation_epoch_start(self) -> None:
+        self.iou_dice.reset()
+        self.cgf1.reset()
+        self.coco_ap.reset()
+
+    def validation_step(self, batch: Sam3Batch, batch_idx: int) -> dict[str, Any] | None:
+        """Loss and metric updates; returns the first batch's outputs (for the prediction plots)."""
+        outputs = self(batch)
+        indices = self.criterion.match(outputs, batch.targets)
+        losses = self.criterion(outputs, batch.targets, indices=indices)
+        self.log("val/loss", losses["loss"], batch_size=batch.num_rows, sync_dist=True)
+        self.update_metrics(batch, outputs, indices, with_ap=self._ap_this_epoch())
+        return outputs if batch_idx == 0 else None
+
+    @torch.no_grad()
+    def update_metrics(
+        self, batch: Sam3Batch, outputs: Mapping[str, Any], indices: list[tuple[Tensor, Tensor]], with_ap: bool
+    ) -> None:
+        """Feed every row to the metric accumulators, masks compared at the batch's S x S resolution."""
+        settings = self.metric_settings
+        scores = outputs["pred_logits"].sigmoid() * outputs["presence_logits"].sigmoid()  # (R,Q)
+        size = batch.pixel_values.shape[-2:]
+        mask_logit = torch.logit(torch.tensor(settings.mask_threshold)).item()
+        for r, target in enumerate(batch.targets):
+            q_matched = indices[r][0].to(scores.device)
+            top = scores[r].topk(min(settings.max_detections, scores.shape[1])).indices
+            candidates = torch.unique(torch.cat([q_matched, top]))
+            position = torch.full((scores.shape[1],), -1, dtype=torch.long, device=scores.device)
+            position[candidates] = torch.arange(len(candidates), device=scores.device)
+            masks = F.interpolate(outputs["pred_masks"][r, candidates][None].float(), size=size, mode="bilinear")
+            masks = masks[0] > mask_logit  # (C,S,S)
+            cand_scores = scores[r, candidates]
+            gt_masks = target["masks"].bool()
+            has_mask = target["has_mask"].bool()
+            self.iou_dice.update(
+                masks, cand_scores, gt_masks, indices=(position[q_matched], indices[r][1]), gt_valid=has_mask
+            )
+            self.cgf1.update(masks, cand_scores, gt_masks[has_mask])
+            if with_ap:
+                height, width = int(size[0]), int(size[1])
+                scale = torch.tensor([width, height, width, height], device=scores.device)
+                self.coco_ap.update(
+                    image_id=int(batch.image_ids[batch.image_index[r]]),
+                    category_id=int(batch.category_ids[r]),
+                    image_size=(height, width),
+                    pred_scores=scores[r, top],
+                    pred_boxes=outputs["pred_boxes"][r, top] * scale,
+                    pred_masks=masks[position[top]],
+                    gt_boxes=target["boxes"] * scale,
+                    gt_masks=gt_masks,
+                    gt_has_mask=has_mask,
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        self.iou_dice.all_reduce()
+        self.cgf1.all_reduce()
+        iou = self.iou_dice.compute()
+        cg = self.cgf1.compute()
+        metrics = {"val/iou": iou["iou"], "val/dice": iou["dice"]}
+        metrics.update({f"val/{k}": v for k, v in cg.items()})
+        if self.coco_ap.dets or self.coco_ap.gts:
+            self.coco_ap.all_gather()
+            ap = self.coco_ap.compute()
+            metrics.update({f"val/{k}": v for k, v in ap.items()})
+        self.log("val/iou", metrics.pop("val/iou"), prog_bar=True)
+        self.log_dict(metrics)
+
+    # ------------------------------------------------------------------------------------------- optimiser
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by (component learning rate, weight decay on/off).
+
+        Biases, norms and other 1-D parameters (DoRA magnitudes) get weight decay 0.
+        """
+        unknown = set(self.component_lr) - {component_of(n.removeprefix("model.")) for n, _ in self.named_parameters()}
+        if unknown:
+            raise ValueError(f"module.component_lr: unknown component(s) {sorted(unknown)}")
+        groups: dict[tuple[float | None, bool], list[nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = self.component_lr.get(component_of(name))
+            no_decay = param.ndim < 2 or name.endswith(".bias") or "norm" in name
+            groups.setdefault((lr, no_decay), []).append(param)
+        result = []
+        for (lr, no_decay), params in groups.items():
+            group: dict[str, Any] = {"params": params}
+            if lr is not None:
+                group["lr"] = lr
+            if no_decay:
+                group["weight_decay"] = 0.0
+            result.append(group)
+        return result
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule.factor(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights (megabytes, not the gigabytes of the frozen base) plus the base identity."""
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["sam3lora"] = {"base": base_fingerprint(self.model), "trainable": sorted(keep)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made on another base, or one that lacks any trainable weight of this model."""
+        info = checkpoint.get("sam3lora")
+        if info is None:
+            raise ValueError("checkpoint was not written by sam3lora (no 'sam3lora' entry): cannot verify it")
+        here = base_fingerprint(self.model)
+        recorded = info["base"]
+        for key in ("architecture", "weights"):
+            if None not in (recorded.get(key), here[key]) and recorded[key] != here[key]:
+                raise ValueError(
+                    f"checkpoint was trained on base {recorded.get('name_or_path')!r} ({key} {recorded[key]}), "
+                    f"but this model's base is {here['name_or_path']!r} ({key} {here[key]})"
+                )
+        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:3]}: it was "
+                "made with another LoRA preset"
+            )
