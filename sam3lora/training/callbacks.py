@@ -111,7 +111,10 @@ class TrainingPlots(L.Callback):
         if batch_idx != 0 or trainer.sanity_checking or not isinstance(outputs, dict):
             return
         figure = self.prediction_grid(trainer, pl_module, batch, outputs)
-        name = f"val_epoch{trainer.current_epoch:03d}" if trainer.state.fn == "fit" else f"val_{trainer.state.fn}"
+        if trainer.state.fn == "fit":
+            name = f"val_epoch{trainer.current_epoch:03d}"
+        else:  # a validate() call outside fit: before training (step 0) or of the best checkpoint
+            name = f"val_{trainer.state.fn.value}_step{trainer.global_step}"
         self.dirpath.mkdir(parents=True, exist_ok=True)
         figure.savefig(self.dirpath / f"{name}.png", dpi=80)
         for logger in trainer.loggers:

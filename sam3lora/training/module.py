@@ -9,6 +9,7 @@ forward hooks on ``dot_product_scoring`` and ``detr_decoder`` (per-layer logits 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -277,7 +278,8 @@ class Sam3LoRAModule(L.LightningModule):
         """Keep only trainable weights (megabytes, not the gigabytes of the frozen base) plus the base identity."""
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["sam3lora"] = {"base": base_fingerprint(self.model), "trainable": sorted(keep)}
+        lora = dataclasses.asdict(self.lora_settings) if dataclasses.is_dataclass(self.lora_settings) else None
+        checkpoint["sam3lora"] = {"base": base_fingerprint(self.model), "trainable": sorted(keep), "lora": lora}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made on another base, or one that lacks any trainable weight of this model."""
