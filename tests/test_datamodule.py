@@ -241,6 +241,11 @@ class TinyReader(DatasetReader):
         return [Instance(7, (30, 10, 20, 10), mask), Instance(8, (5, 5, 10, 30), None)]
 
 
+class WrongMaskReader(TinyReader):
+    def instances(self, image):
+        return [Instance(7, (0, 0, 4, 4), np.ones((4, 4), np.uint8))]
+
+
 class NotAReader:
     def __init__(self, root, split):
         pass
@@ -263,6 +268,9 @@ def test_custom_reader_via_target(processor, data_dir):
     assert first(direct.val_dataloader()).prompts == ["dot", "bar", "dot", "bar"]
     with pytest.raises(TypeError, match="not a sam3lora.data.readers.DatasetReader"):
         make_dm(processor, data_dir, reader={"_target_": f"{__name__}.NotAReader"})
+    wrong = make_dm(processor, data_dir, reader={"_target_": f"{__name__}.WrongMaskReader"})
+    with pytest.raises(BadSampleError, match=r"val/0\.raw: instance 0: mask \(4, 4\) != image \(48, 80\)"):
+        first(wrong.val_dataloader())
 
 
 def _same(a: Sam3Batch, b: Sam3Batch) -> bool:
@@ -443,3 +451,16 @@ def test_batch_moves_to_a_device_and_pins_every_tensor(processor, data_dir, monk
     copy = b.pin_memory()
     assert isinstance(copy, Sam3Batch) and copy.num_rows == b.num_rows
     assert len(pinned) == 9 + 3 * b.num_rows  # 9 tensor fields + boxes/masks/has_mask of every target
+
+
+def test_synthetic_is_generated_into_root_once(processor, tmp_path):
+    root = tmp_path / "synthetic"
+    settings = {"train": 3, "val": 2, "size": 224, "seed": 0, "categories": None}
+    dm = Sam3DataModule(processor, root, 224, synthetic=settings)
+    dm.prepare_data()
+    stamp = (root / "train" / "annotations.json").stat().st_mtime_ns
+    assert len(list((root / "val" / "images").iterdir())) == 2
+    Sam3DataModule(processor, root, 224, synthetic=settings).prepare_data()  # reused, not rewritten
+    assert (root / "train" / "annotations.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="exclusive"):
+        Sam3DataModule(processor, root, 224, synthetic=settings, yolo_src=str(tmp_path))

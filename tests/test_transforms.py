@@ -166,8 +166,10 @@ def test_bad_configs_are_refused(cfg, train, match):
         make(cfg, train=train)
 
 
-def test_an_augment_that_changes_the_size_is_refused():
+def test_an_augment_that_changes_the_size_or_dtype_is_refused():
     crop = {"_target_": "albumentations.CenterCrop", "height": 32, "width": 32}
     image, instances = scene()
     with pytest.raises(ValueError, match="changed the size"):
         make({"augment": [crop]})(image, instances, seed=0)
+    with pytest.raises(ValueError, match="must keep uint8"):
+        make({"augment": [{"_target_": "albumentations.Normalize"}]})(image, instances, seed=0)

@@ -110,6 +110,11 @@ class Sam3Dataset(Dataset):
         record = self.records[index]
         image = self.reader.load_image(record)
         instances = self.reader.instances(record)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise BadSampleError(record.path, f"image must be RGB uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        for k, inst in enumerate(instances):
+            if inst.mask is not None and inst.mask.shape != image.shape[:2]:
+                raise BadSampleError(record.path, f"instance {k}: mask {inst.mask.shape} != image {image.shape[:2]}")
         seq = np.random.SeedSequence([self.seed, int(self.epoch) if self.train else 0, index])
         aug_seed, row_seed = (int(v) for v in seq.generate_state(2))
         out = self.transform(image, instances, seed=aug_seed)
@@ -248,6 +253,8 @@ class Sam3DataModule(L.LightningDataModule):
         seed: shuffle and augmentation seed.
         on_bad_sample: ``raise`` or ``skip``.
         yolo_src: a YOLO dataset converted once into ``root`` by :meth:`prepare_data`.
+        synthetic: arguments of :func:`sam3lora.data.synthetic.write_synthetic` (train, val, size, seed,
+            categories); :meth:`prepare_data` generates that set into ``root`` when ``root`` holds no dataset yet.
     """
 
     def __init__(
@@ -271,6 +278,7 @@ class Sam3DataModule(L.LightningDataModule):
         seed: int = 0,
         on_bad_sample: str = "raise",
         yolo_src: str | Path | None = None,
+        synthetic: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
@@ -304,6 +312,9 @@ class Sam3DataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.on_bad_sample = on_bad_sample
         self.yolo_src = None if yolo_src is None else Path(str(yolo_src))
+        self.synthetic = None if synthetic is None else dict(_plain(synthetic))
+        if self.synthetic is not None and self.yolo_src is not None:
+            raise ValueError("data.synthetic and data.yolo_src are exclusive: root is generated or converted, not both")
         self.train_dataset: Sam3Dataset | None = None
         self.val_dataset: Sam3Dataset | None = None
         self._collate: Sam3Collate | None = None
@@ -312,7 +323,14 @@ class Sam3DataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------------- preparation
 
     def prepare_data(self) -> None:
-        """Convert ``yolo_src`` into ``root`` once (a converted cache from the same source is reused)."""
+        """Generate the synthetic set, or convert ``yolo_src``, into ``root`` once (an existing one is reused)."""
+        if self.synthetic is not None:
+            if not (self.root / self.splits["train"] / "annotations.json").is_file():
+                from sam3lora.data.synthetic import write_synthetic
+
+                log.info("generating the synthetic dataset into %s", self.root)
+                write_synthetic(self.root, **self.synthetic)
+            return
         if self.yolo_src is None:
             return
         from sam3lora.data.yolo import yolo_to_coco

@@ -5,8 +5,8 @@ One text row per category present in the (transformed) image, plus negative rows
 keeps at most ``max_prompts_per_image`` rows (positives first); validation queries every category, as
 SAM 3's official protocol. ``prompt_mode`` adds exemplar boxes (1..``max_exemplars`` of the row's own
 targets, label 1) to positive rows: ``text`` none, ``box`` boxes with the text ``"visual"`` (what
-``Sam3Processor`` uses for box-only prompts), ``text+box`` both. Negative rows stay text-only. A row
-without exemplars carries one padding box (label -10) so ``K >= 1`` always.
+``Sam3Processor`` uses for box-only prompts), ``text+box`` both. Negative rows stay text-only (their
+category text, in every mode). A row without exemplars carries one padding box (label -10) so ``K >= 1``.
 """
 
 from __future__ import annotations

@@ -130,8 +130,9 @@ class Sam3Transform:
     """Callable ``(image, instances, seed) -> TransformedImage`` wrapping one ``A.Compose``.
 
     Args:
-        pipeline: albumentations ops (resize first) applied to image, masks and box-only boxes.
-        image_size: S, the square output size (checked after the pipeline).
+        ops: albumentations ops (resize first) applied to image, masks and box-only boxes; they must keep
+            the image uint8 and end at S x S (both checked).
+        image_size: S, the square output size.
         mean, std: per-channel normalisation after scaling by ``rescale_factor``.
     """
 
@@ -174,6 +175,9 @@ class Sam3Transform:
         if img.shape[:2] != (s, s):
             raise ValueError(f"transforms produced a {img.shape[1]}x{img.shape[0]} image, expected {s}x{s}: "
                              "an augment op changed the size (add a resize/pad after it)")
+        if img.dtype != np.uint8:
+            raise ValueError(f"transforms produced a {img.dtype} image: augment ops must keep uint8 "
+                             "(normalisation with the processor's mean/std comes after them)")
 
         kept: list[int] = []
         out_masks: list[np.ndarray] = []

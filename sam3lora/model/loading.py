@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import Sam3Config, Sam3Model, Sam3Processor
 
-from sam3lora.model.tiny import materialise_tiny
+from sam3lora.model.tiny import PRETRAINED_DIR, materialise_tiny
 
 HUB_ID = "facebook/sam3"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,9 +19,14 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve(name_or_path: str, seed: int = 0) -> str:
-    """Map a preset name to what ``from_pretrained`` takes: ``tiny`` -> its local directory, ``sam3`` -> hub id."""
+    """Map a preset name to what ``from_pretrained`` takes: ``tiny`` / ``tiny-pretrained`` -> a local directory,
+    ``sam3`` -> the hub id; anything else is passed through."""
     if name_or_path == "tiny":
         return str(materialise_tiny(seed))
+    if name_or_path == "tiny-pretrained":
+        if not (PRETRAINED_DIR / "config.json").is_file():
+            raise ModelLoadError(f"{PRETRAINED_DIR} is missing: run `python scripts/pretrain_tiny.py` to make it")
+        return str(PRETRAINED_DIR)
     if name_or_path == "sam3":
         return HUB_ID
     return name_or_path

@@ -20,6 +20,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from sam3lora.io import atomic_dir
 
 TINY_IMAGE_SIZE = 224
+#: The shipped ``tiny-pretrained`` base (made by ``scripts/pretrain_tiny.py``): the tiny architecture trained in
+#: full on a synthetic domain other than the demo's, so that the demo's LoRA adapts a base that knows something.
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-pretrained"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Whole-word tokens give the tiny text encoder an easier start; every other word falls back to bytes.

@@ -178,6 +178,8 @@ class Sam3LoRAModule(L.LightningModule):
 
     def validation_step(self, batch: Sam3Batch, batch_idx: int) -> dict[str, Any] | None:
         """Loss and metric updates; returns the first batch's outputs (for the prediction plots)."""
+        if batch.num_rows == 0:  # every image of the batch was a bad sample (on_bad_sample: skip)
+            return None
         outputs = self(batch)
         indices = self.criterion.match(outputs, batch.targets)
         losses = self.criterion(outputs, batch.targets, indices=indices)

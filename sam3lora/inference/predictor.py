@@ -1,0 +1,371 @@
+"""``Sam3LoRAPredictor``: SAM 3 (+ LoRA adapters) on images with text and/or exemplar-box prompts.
+
+Inputs are prepared as the training batches are (``docs/contracts.md``): the processor resizes (stretch) and
+normalises each image; one row per (image, prompt); text-only rows carry one padding box (label -10); exemplar
+boxes are normalised cxcywh with label 1. The vision encoder runs once per image and its features are expanded
+over that image's prompts (as ``Sam3LoRAModule.forward``). Scores are SAM 3's: sigmoid(logit) * sigmoid(presence).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import Sam3Processor
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+from sam3lora.inference.errors import PredictorError, PromptError
+from sam3lora.inference.images import ImageInput, image_name, to_pil
+from sam3lora.inference.loading import LoadedModel, canonical_dtype, load_for_inference
+
+VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor and the training rows)
+PAD_LABEL = -10
+TEXT_LENGTH = 32
+_DEFAULT: Any = object()  # "the adapter this predictor uses by default"
+_MASK_CHUNK = 16  # masks upsampled per step (bounds float memory at large image sizes)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One query: ``text`` plus optional exemplar ``boxes`` (xyxy pixels of the image, positive)."""
+
+    text: str
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+
+
+@dataclass
+class PromptResult:
+    """Instances found for one prompt on one image, best first.
+
+    Attributes:
+        prompt: the prompt text (``"visual"`` for box-only prompts).
+        masks: bool (N, H, W) at the original image resolution.
+        boxes: float32 (N, 4) xyxy pixels of the original image, clamped to it.
+        scores: float32 (N,) sigmoid(logit) * sigmoid(presence), all >= the threshold, descending.
+    """
+
+    prompt: str
+    masks: Tensor
+    boxes: Tensor
+    scores: Tensor
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class RowOutput:
+    """Raw model output of one (image, prompt) row, all Q queries (on the model's device, float32).
+
+    ``scores (Q,)``, ``boxes (Q,4)`` normalised xyxy, ``mask_logits (Q,h,w)`` at the model's mask resolution.
+    """
+
+    prompt: str
+    scores: Tensor
+    boxes: Tensor
+    mask_logits: Tensor
+
+
+@dataclass
+class ImageOutput:
+    """Raw outputs of one image: its position in the input list, ``size`` (H, W) and one ``RowOutput`` per prompt."""
+
+    index: int
+    size: tuple[int, int]
+    rows: list[RowOutput]
+
+
+def make_prompts(text: str | Sequence[str] | None = None, boxes: Sequence[Any] | None = None) -> list[Prompt]:
+    """Prompts from ``text`` (one or several) and ``boxes`` (xyxy pixels, applied as exemplars to every text).
+
+    Box-only (no text) gives one prompt with the text ``"visual"``. Raises ``PromptError`` on an empty text, a
+    malformed box, or no prompt at all.
+    """
+    texts = [text] if isinstance(text, str) else list(text or [])
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise PromptError(f"empty text prompt {t!r}: give a phrase such as 'red circle'")
+    box_list = list(boxes or [])
+    if box_list and all(isinstance(v, (int, float)) for v in box_list):
+        box_list = [box_list]  # one box given as four numbers
+    parsed = []
+    for box in box_list:
+        try:
+            values = tuple(float(v) for v in box)
+        except (TypeError, ValueError):
+            raise PromptError(f"box {box!r} must be four numbers x1,y1,x2,y2") from None
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise PromptError(f"box {box!r} must be four finite numbers x1,y1,x2,y2")
+        if values[2] <= values[0] or values[3] <= values[1]:
+            raise PromptError(f"box {box!r} is empty or reversed: need x1 < x2 and y1 < y2 (xyxy pixels)")
+        parsed.append(values)
+    if not texts and not parsed:
+        raise PromptError("no prompt: give a text prompt, an exemplar box, or both")
+    return [Prompt(t.strip(), tuple(parsed)) for t in texts] if texts else [Prompt(VISUAL_PROMPT, tuple(parsed))]
+
+
+def check_boxes_inside(prompt: Prompt, size: tuple[int, int], name: str) -> None:
+    """Raise ``PromptError`` if an exemplar box of ``prompt`` leaves the image of ``size`` (H, W)."""
+    height, width = size
+    for box in prompt.boxes:
+        x1, y1, x2, y2 = box
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            shown = ",".join(f"{v:g}" for v in box)
+            raise PromptError(f"{name}: box {shown} is outside the image ({width}x{height} px, WxH)")
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise PredictorError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PredictorError(f"device {device!r}: CUDA is not available on this machine (use device='cpu')")
+    return dev
+
+
+class Sam3LoRAPredictor:
+    """Run SAM 3 with LoRA adapters on images.
+
+    Build it with :meth:`from_pretrained`. ``predict`` returns instances at the original resolution; ``outputs``
+    yields the raw per-query outputs (for evaluation).
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: str = "float32") -> None:
+        self.device = _device(device)
+        self.dtype = getattr(torch, canonical_dtype(dtype))
+        self.model: nn.Module = loaded.model.to(self.device).eval()
+        self.processor: Sam3Processor = loaded.processor
+        self.adapters: list[str] = list(loaded.adapters)
+        self.merged: str | None = loaded.merged
+        size = self.processor.image_processor.size
+        self.image_size = (int(size["height"]), int(size["width"]))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str = "facebook/sam3",
+        adapter: str | Path | Mapping[str, str | Path] | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        merge: bool = True,
+        *,
+        seed: int = 0,
+        image_size: int | None = None,
+    ) -> Sam3LoRAPredictor:
+        """Load ``base`` (``tiny`` | hub id | local dir) once and attach ``adapter``.
+
+        Args:
+            adapter: None; a PEFT adapter directory or a sam3lora Lightning ``.ckpt``; or ``{name: path}`` for
+                several adapters on one base, chosen per call with ``predict(..., adapter=name)``.
+            device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+            dtype: ``float32 | bfloat16 | float16`` (``fp32 | bf16 | fp16``).
+            merge: merge a single adapter into the weights (faster; the base alone is then unavailable). Several
+                adapters are never merged.
+            seed / image_size: tiny preset seed; expected model input size (checked if given).
+        """
+        dev = _device(device)  # fail before loading anything
+        loaded = load_for_inference(base, adapter, dtype=dtype, merge=merge, seed=seed, image_size=image_size)
+        return cls(loaded, device=str(dev), dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------- adapters
+    def _resolve_adapter(self, adapter: Any) -> str | None:
+        if adapter is _DEFAULT:
+            if len(self.adapters) > 1:
+                raise PredictorError(
+                    f"several adapters are loaded ({', '.join(self.adapters)}): pass adapter=<name>, or None for "
+                    "the base model"
+                )
+            return self.adapters[0] if self.adapters else None
+        if adapter is not None and adapter not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none"
+            raise PredictorError(f"unknown adapter {adapter!r}; loaded adapters: {loaded}")
+        if self.merged is not None and adapter != self.merged:
+            raise PredictorError(
+                f"adapter {self.merged!r} is merged into the weights, so the base alone is not available: load "
+                "with merge=False to compare with the base"
+            )
+        return adapter
+
+    @contextmanager
+    def using(self, adapter: Any = _DEFAULT) -> Iterator[None]:
+        """Context in which the model runs ``adapter`` (a loaded name, or None for the base alone)."""
+        name = self._resolve_adapter(adapter)
+        if self.merged is not None or not isinstance(self.model, PeftModel):
+            yield
+        elif name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(name)
+            yield
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def _tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``input_ids``, ``attention_mask`` long (P, 32), as the training collate tokenizes."""
+        enc = self.processor.tokenizer(
+            list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    @staticmethod
+    def _prompt_boxes(prompt: Prompt, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Exemplars (K,4) normalised cxcywh + labels (K,) (1), or one padding box (label -10) for text only."""
+        if not prompt.boxes:
+            return torch.zeros(1, 4), torch.full((1,), PAD_LABEL, dtype=torch.long)
+        height, width = size
+        xyxy = torch.tensor(prompt.boxes, dtype=torch.float32) / torch.tensor([width, height, width, height])
+        cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+        return cxcywh, torch.ones(len(prompt.boxes), dtype=torch.long)
+
+    # ----------------------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        pixel_values: Tensor,
+        image_index: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        input_boxes: Tensor,
+        input_boxes_labels: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One vision pass over I images, then the rest of SAM 3 over R rows.
+
+        Args: pixel_values (I,3,S,S); image_index long (R,); input_ids, attention_mask (R,32); input_boxes (R,K,4)
+        normalised cxcywh; input_boxes_labels (R,K).
+        Returns: scores (R,Q), boxes (R,Q,4) normalised xyxy, mask logits (R,Q,h,w), all float32.
+        """
+        dev = self.device
+        vision = self.model.get_vision_features(pixel_values=pixel_values.to(dev, self.dtype))
+        idx = image_index.to(dev)
+        per_row = Sam3VisionEncoderOutput(
+            fpn_hidden_states=tuple(t[idx] for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(t[idx] for t in vision.fpn_position_encoding),
+        )
+        out = self.model(
+            vision_embeds=per_row,
+            input_ids=input_ids.to(dev),
+            attention_mask=attention_mask.to(dev),
+            input_boxes=input_boxes.to(dev, self.dtype),
+            input_boxes_labels=input_boxes_labels.to(dev),
+        )
+        scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
+        return scores, out.pred_boxes.float(), out.pred_masks.float()
+
+    def outputs(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[Prompt],
+        batch_size: int = 4,
+        adapter: Any = _DEFAULT,
+    ) -> Iterator[ImageOutput]:
+        """Raw outputs per image, in order: images run ``batch_size`` at a time, every prompt of one image sharing
+        one vision pass. Raises ``PromptError`` for an exemplar box outside an image."""
+        if batch_size < 1:
+            raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
+        if not prompts:
+            raise PromptError("no prompt: give a text prompt, an exemplar box, or both")
+        input_ids, attention_mask = self._tokens([p.text for p in prompts])
+        num_prompts = len(prompts)
+        with self.using(adapter):
+            for start in range(0, len(images), batch_size):
+                chunk = [to_pil(im, start + i) for i, im in enumerate(images[start : start + batch_size])]
+                sizes = [(im.height, im.width) for im in chunk]
+                boxes, labels = [], []
+                for i, size in enumerate(sizes):
+                    for prompt in prompts:
+                        check_boxes_inside(prompt, size, image_name(images[start + i], start + i))
+                        b, lab = self._prompt_boxes(prompt, size)
+                        boxes.append(b)
+                        labels.append(lab)
+                pixel_values = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+                scores, pred_boxes, masks = self.forward_rows(
+                    pixel_values,
+                    torch.arange(len(chunk)).repeat_interleave(num_prompts),
+                    input_ids.repeat(len(chunk), 1),
+                    attention_mask.repeat(len(chunk), 1),
+                    torch.stack(boxes),
+                    torch.stack(labels),
+                )
+                for i, size in enumerate(sizes):
+                    rows = [
+                        RowOutput(p.text, scores[r], pred_boxes[r], masks[r])
+                        for p, r in zip(prompts, range(i * num_prompts, (i + 1) * num_prompts), strict=True)
+                    ]
+                    yield ImageOutput(start + i, size, rows)
+
+    # ----------------------------------------------------------------------------------------- results
+    @staticmethod
+    def instances(
+        row: RowOutput, size: tuple[int, int], keep: Tensor, mask_threshold: float = 0.5
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Masks, boxes and scores of the queries ``keep`` (long (N,)) of ``row`` at the original ``size`` (H, W).
+
+        Returns masks bool (N,H,W) (mask logits upsampled bilinearly, then > logit(mask_threshold)), boxes float32
+        (N,4) xyxy pixels clamped to the image, scores float32 (N,). All on the CPU.
+        """
+        height, width = size
+        keep = keep.to(row.scores.device)
+        cut = math.log(mask_threshold / (1 - mask_threshold)) if 0 < mask_threshold < 1 else None
+        masks = torch.zeros(len(keep), height, width, dtype=torch.bool)
+        for s in range(0, len(keep), _MASK_CHUNK):
+            logits = F.interpolate(
+                row.mask_logits[keep[s : s + _MASK_CHUNK]][None], size=(height, width), mode="bilinear",
+                align_corners=False,
+            )[0]
+            binary = logits > cut if cut is not None else logits.sigmoid() > mask_threshold
+            masks[s : s + _MASK_CHUNK] = binary.cpu()
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=row.boxes.device)
+        boxes = (row.boxes[keep] * scale).cpu()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return masks, boxes, row.scores[keep].cpu()
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        text: str | Sequence[str] | None = None,
+        boxes: Sequence[Any] | None = None,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        batch_size: int = 4,
+        adapter: Any = _DEFAULT,
+    ) -> list[list[PromptResult]]:
+        """Segment every prompt on every image.
+
+        Args:
+            images: a PIL image, a path, a uint8 array, or a list of them.
+            text: a prompt or a list of prompts, each applied to every image.
+            boxes: exemplar boxes (xyxy pixels, positive), applied to every text prompt (box only: text "visual").
+            threshold: keep instances scoring >= this; mask_threshold: mask probability for a foreground pixel.
+            batch_size: images per forward pass.
+            adapter: a loaded adapter's name, or None for the base alone (default: the only adapter, or the base
+                when none is loaded).
+        Returns:
+            per image, one ``PromptResult`` per prompt (in prompt order).
+        """
+        if not 0.0 <= threshold <= 1.0 or not 0.0 <= mask_threshold <= 1.0:
+            raise PredictorError(f"threshold and mask_threshold must be in [0, 1], got {threshold}, {mask_threshold}")
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        prompts = make_prompts(text, boxes)
+        results: list[list[PromptResult]] = []
+        for out in self.outputs(image_list, prompts, batch_size=batch_size, adapter=adapter):
+            per_prompt = []
+            for row in out.rows:
+                keep = torch.nonzero(row.scores >= threshold).flatten()
+                keep = keep[row.scores[keep].argsort(descending=True, stable=True)]
+                masks, xyxy, scores = self.instances(row, out.size, keep, mask_threshold)
+                per_prompt.append(PromptResult(row.prompt, masks, xyxy, scores))
+            results.append(per_prompt)
+        return results
+
