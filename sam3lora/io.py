@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,25 +12,30 @@ from pathlib import Path
 
 @contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` in one rename.
+    """Yield an empty temporary directory beside ``target``; on success it replaces ``target`` in one rename.
 
-    Refuses a non-empty ``target`` unless ``overwrite``. On an exception nothing is left behind and ``target`` is
-    untouched. If another process creates ``target`` first (a race between DDP ranks), that copy is kept.
+    Refuses a non-empty ``target`` unless ``overwrite`` (the old directory is removed only after the rename).
+    On any exception the temporary directory is removed and ``target`` is left as it was.
     """
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise FileExistsError(f"{target}: exists and is not empty (use overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
         tmp.chmod(0o755)
         if target.exists():
-            old = target.with_name(f".{target.name}-old-{tmp.name}")
-            target.rename(old)
-            tmp.rename(target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "d")
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / "d", target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(target)
-    finally:
+            os.replace(tmp, target)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -28,6 +28,8 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
+from sam3lora.io import atomic_dir
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -119,30 +121,9 @@ def check_not_nested(src: str | Path, out: str | Path) -> None:
 
 @contextlib.contextmanager
 def output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temp directory beside ``out``; on success it replaces ``out`` in one rename.
-
-    On any exception the temp directory is removed and ``out`` is left as it was. A non-empty ``out``
-    is refused unless ``overwrite`` (then the old directory is removed only after the rename).
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """``sam3lora.io.atomic_dir`` after ``check_output_dir`` (whose errors name the directory)."""
+    with atomic_dir(check_output_dir(out, overwrite), overwrite=True) as tmp:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "d", out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ masks

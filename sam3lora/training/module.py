@@ -3,8 +3,12 @@
 One step: the vision encoder runs once per image of the batch, its features are expanded over that image's
 prompt rows, the rest of SAM 3 runs once per row; the criterion matches and scores; Lightning steps the
 optimiser over adapter parameters only. Earlier decoder layers' outputs (for auxiliary losses) are read with
-forward hooks on ``dot_product_scoring`` and ``detr_decoder`` (per-layer logits and presence) and from
-``decoder_reference_boxes`` (per-layer boxes), so nothing is computed twice.
+forward hooks on ``dot_product_scoring`` and ``detr_decoder`` (per-layer logits and presence) and on
+``detr_decoder.box_head`` (the per-layer box offsets ``Sam3Model.forward`` computes), so nothing is computed
+twice. Each layer's boxes are ``sigmoid(inverse_sigmoid(decoder_reference_boxes[i]) + offsets[i])`` exactly as
+HF (and the official SAM 3) build them: the reference boxes are not detached there, so a layer's box loss also
+reaches the layer before it ("look forward twice"); the decoder's own refined boxes (its next layer's input)
+are detached and would cut that path.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor, nn
 from torchvision.ops import box_convert
-from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inverse_sigmoid
 
 from sam3lora.adapter import base_fingerprint
 from sam3lora.data.batch import Sam3Batch
@@ -82,6 +86,8 @@ class Sam3LoRAModule(L.LightningModule):
         base = self.base_model
         base.get_submodule("dot_product_scoring").register_forward_hook(self._capture("layer_logits"))
         base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder"))
+        # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
+        base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
         self._checked_unused = False
         self.iou_dice = MatchedIoUDice(metrics.score_threshold)
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
@@ -120,11 +126,15 @@ class Sam3LoRAModule(L.LightningModule):
         )
         layer_logits = self._captured["layer_logits"].squeeze(-1)  # (L,R,Q)
         layer_presence = self._captured["decoder"].presence_logits  # (L,R,1)
-        layer_boxes = out.decoder_reference_boxes  # (L,R,Q,4) cxcywh: input boxes of each layer
+        offsets = self._captured["box_offsets"]  # (L,R,Q,4): box_head on every layer's hidden states
+        if offsets.ndim != 4 or offsets.shape[0] != layer_logits.shape[0]:
+            raise RuntimeError(f"detr_decoder.box_head: expected offsets (L,R,Q,4), got {tuple(offsets.shape)}")
+        # (L,R,Q,4) cxcywh: each layer's input reference boxes (with grad, as Sam3Model.forward uses them)
+        references = out.decoder_reference_boxes
         aux = [
             {
                 "pred_logits": layer_logits[i],
-                "pred_boxes": box_convert(layer_boxes[i + 1], "cxcywh", "xyxy"),
+                "pred_boxes": box_convert((inverse_sigmoid(references[i]) + offsets[i]).sigmoid(), "cxcywh", "xyxy"),
                 "presence_logits": layer_presence[i],
             }
             for i in range(layer_logits.shape[0] - 1)
