@@ -41,12 +41,23 @@ class KeepBest(L.Callback):
         self.best = -1.0
         self.state: dict[str, torch.Tensor] | None = None
         self.epoch = -1
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        for key in ("train/loss", "train/loss_presence", "train/loss_ce", "train/loss_mask", "train/loss_bbox"):
+            if key in trainer.callback_metrics:
+                self.sums[key] = self.sums.get(key, 0.0) + float(trainer.callback_metrics[key])
+        self.steps += 1
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        iou, cgf1 = (float(trainer.callback_metrics[k]) for k in ("val/iou", "val/cgF1"))
-        print(f"epoch {trainer.current_epoch}: val/iou {iou:.4f} cgF1 {cgf1:.2f}", flush=True)
+        iou, cgf1, loss = (float(trainer.callback_metrics[k]) for k in ("val/iou", "val/cgF1", "val/loss"))
+        train = " ".join(f"{k[6:]} {v / max(self.steps, 1):.2f}" for k, v in self.sums.items())
+        epoch = trainer.current_epoch
+        print(f"epoch {epoch}: val/iou {iou:.4f} cgF1 {cgf1:.2f} val/loss {loss:.2f} | {train}", flush=True)
+        self.sums, self.steps = {}, 0
         if iou > self.best:
             self.best, self.epoch = iou, trainer.current_epoch
             self.state = copy.deepcopy(pl_module.model.state_dict())
@@ -65,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     L.seed_everything(args.seed, workers=True)
     work = Path(tempfile.mkdtemp(prefix="sam3lora-pretrain-"))
-    data = write_synthetic(work / "data", train=args.train, val=args.val, categories=PRETRAIN_CATEGORIES, seed=101)
+    data = write_synthetic(work / "data", train=args.train, val=args.val, categories=PRETRAIN_CATEGORIES, seed=101,
+                           hard_negatives=0.0)
     overrides = [
         f"paths.root_dir={work}", f"data.root={data}", f"data.batch_size={args.batch_size}",
         f"module.optimizer.lr={args.lr}", "module.optimizer.weight_decay=0.05", "module.scheduler.warmup_steps=100",

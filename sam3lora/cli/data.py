@@ -28,7 +28,7 @@ def _synthetic(args: argparse.Namespace) -> int:
 
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     out = write_synthetic(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,
-                          categories=cats, overwrite=args.overwrite)
+                          categories=cats, overwrite=args.overwrite, hard_negatives=args.hard_negatives)
     print(f"wrote {out} ({args.train} train + {args.val} val images, {args.size} px)")
     return 0
 
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--categories", help='comma-separated "<colour> <shape>" names, e.g. "red circle,blue square"')
+    s.add_argument("--hard-negatives", type=float, default=0.5,
+                   help="probability of unannotated colour/shape mixes in an image (default 0.5; 0 = none)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     s.set_defaults(func=_synthetic)
 

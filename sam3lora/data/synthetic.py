@@ -227,7 +227,7 @@ def _place(objs: list[_Object], shape: str, colour: str, cid: int | None, size: 
     return _Object(shape, colour, cx, cy, r, float(rng.uniform(0, 2 * np.pi)), cid)
 
 
-def _make_image(cats: list[Category], size: int, index: int, rng: np.random.Generator
+def _make_image(cats: list[Category], size: int, index: int, rng: np.random.Generator, hard_negatives: float,
                 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     """Render one image: uint8 (size, size, 3) and ``[(category_id, visible bool mask)]`` in draw order."""
     n = len(cats)
@@ -241,7 +241,7 @@ def _make_image(cats: list[Category], size: int, index: int, rng: np.random.Gene
     pairs = {(c.colour, c.shape) for c in cats}
     colours, shapes = dict.fromkeys(c.colour for c in cats), dict.fromkeys(c.shape for c in cats)
     hard = [(col, shp) for col in colours for shp in shapes if (col, shp) not in pairs]
-    if hard and rng.random() < 0.5:
+    if hard and rng.random() < hard_negatives:
         for _ in range(int(rng.integers(1, 3))):
             col, shp = hard[int(rng.integers(len(hard)))]
             objs.append(_place(objs, shp, col, None, size, rng))
@@ -273,13 +273,14 @@ def _make_image(cats: list[Category], size: int, index: int, rng: np.random.Gene
     return out, instances
 
 
-def _split_coco(cats: list[Category], split: str, count: int, size: int, seed: int, images_dir: Path
+def _split_coco(cats: list[Category], split: str, count: int, size: int, seed: int, images_dir: Path,
+                hard_negatives: float
                 ) -> dict[str, Any]:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_SEEDS[split], index])
-        img, instances = _make_image(cats, size, index, rng)
+        img, instances = _make_image(cats, size, index, rng, hard_negatives)
         file_name = f"{index:06d}.png"
         Image.fromarray(img, "RGB").save(images_dir / file_name, format="PNG")
         image_id = index + 1
@@ -305,13 +306,15 @@ def _split_coco(cats: list[Category], split: str, count: int, size: int, seed: i
 
 
 def write_synthetic(out: str | Path, *, train: int = 64, val: int = 16, size: int = 224, seed: int = 0,
-                    categories: Sequence[str] | None = None, overwrite: bool = False,
+                    categories: Sequence[str] | None = None, overwrite: bool = False, hard_negatives: float = 0.5,
                     ) -> Path:
     """Write a synthetic shapes dataset (``out/{train,val}/annotations.json`` + ``images/``); return ``out``.
 
     ``categories``: ``"<colour> <shape>"`` names (default :data:`DEFAULT_CATEGORIES`); colours from
     :data:`COLOURS`, shapes from :data:`SHAPES`. The directory is written whole (temp dir + rename);
-    a non-empty ``out`` is refused unless ``overwrite``. Raises :class:`DataError` on bad arguments.
+    a non-empty ``out`` is refused unless ``overwrite``. ``hard_negatives``: probability that an image also
+    holds 1-2 unannotated objects that combine a colour and a shape of the set into a pair that is not a category
+    (0 turns them off). Raises :class:`DataError` on bad arguments.
     """
     out = Path(out)
     try:
@@ -320,12 +323,14 @@ def write_synthetic(out: str | Path, *, train: int = 64, val: int = 16, size: in
         raise DataError("--categories", str(e)) from None
     if size < 32:
         raise DataError("--size", f"image size must be >= 32 px, got {size}")
+    if not 0.0 <= hard_negatives <= 1.0:
+        raise DataError("--hard-negatives", f"must be a probability in [0, 1], got {hard_negatives}")
     if train < 0 or val < 0 or train + val == 0:
         raise DataError("--train/--val", f"need counts >= 0, not both 0 (got {train}, {val})")
     with output_dir(out, overwrite) as tmp:
         for split, count in (("train", train), ("val", val)):
             images_dir = tmp / split / "images"
             images_dir.mkdir(parents=True)
-            data = _split_coco(cats, split, count, size, seed, images_dir)
+            data = _split_coco(cats, split, count, size, seed, images_dir, hard_negatives)
             (tmp / split / "annotations.json").write_text(json.dumps(data, separators=(",", ":")), "utf-8")
     return out

@@ -22,3 +22,18 @@ class ImageReadError(PredictorError):
 
 class AdapterLoadError(PredictorError):
     """An adapter (PEFT directory or Lightning checkpoint) is missing, malformed or incomplete."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input rather than a bug: the CLIs print them as one line and exit 2."""
+    from sam3lora.adapter import AdapterMismatchError
+    from sam3lora.data.coco import DataError
+    from sam3lora.lora import LoraTargetError
+    from sam3lora.model import ModelLoadError
+
+    return (PredictorError, AdapterMismatchError, ModelLoadError, LoraTargetError, DataError, FileExistsError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line."""
+    return " ".join(str(err).split())

@@ -23,7 +23,7 @@ from transformers import Sam3Processor
 from sam3lora.adapter import AdapterMismatchError, base_fingerprint, load_adapter
 from sam3lora.inference.errors import AdapterLoadError, PredictorError
 from sam3lora.lora import LoraSettings, adapted_modules, lora_config, plan
-from sam3lora.model import load_model
+from sam3lora.model import load_model, meta_model
 
 DTYPES = {
     "float32": "float32", "fp32": "float32",
@@ -85,7 +85,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(info, Mapping) or not isinstance(info.get("base"), Mapping):
         raise AdapterLoadError(f"{path}: checkpoint was not written by sam3lora (no 'sam3lora' entry)")
     if not isinstance(info.get("lora"), Mapping):
-        raise AdapterLoadError(f"{path}: checkpoint records no LoRA settings ('sam3lora.lora' is empty)")
+        raise AdapterLoadError(
+            f"{path}: checkpoint records no LoRA settings ('sam3lora.lora' is empty), so its adapters cannot be "
+            "rebuilt; use the run's adapter directory (<run>/adapter) instead"
+        )
     return dict(ckpt)
 
 
@@ -138,9 +141,11 @@ def load_checkpoint_adapter(model: nn.Module, path: str | Path, name: str = "def
         return _ADAPTER_SLOT.sub(lambda m: f".{m.group(1)}.{name}" if m.group(2) == saved else m.group(0), key)
 
     state = {rename(k): v for k, v in state.items()}
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    config = lora_config(base, settings)
-    intended = {n for names in plan(base, settings).values() for n in names}
+    # the layout is planned on plain Linear layers: a model that already holds adapters is planned on its
+    # architecture rebuilt on the meta device (no memory)
+    layout = meta_model(model.get_base_model().config) if isinstance(model, PeftModel) else model
+    config = lora_config(layout, settings)
+    intended = {n for names in plan(layout, settings).values() for n in names}
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
         peft_model = model
@@ -195,10 +200,14 @@ def load_for_inference(
         merge: merge a single adapter into the weights (the base alone is then no longer available).
         seed / image_size: passed to ``sam3lora.model.load_model``.
     """
+    sources = {} if adapter is None else dict(adapter) if isinstance(adapter, Mapping) else {"default": adapter}
+    for name, source in sources.items():  # fail before the (long) base load
+        _check_name(name)
+        if not Path(source).exists():
+            raise AdapterLoadError(f"{source}: no such adapter directory or checkpoint file")
+        if Path(source).is_file():
+            read_checkpoint(Path(source))  # a broken checkpoint fails here, not after loading the base
     model, processor = load_model(base, dtype=canonical_dtype(dtype), seed=seed, image_size=image_size)
-    if adapter is None:
-        return LoadedModel(model.eval(), processor)
-    sources = dict(adapter) if isinstance(adapter, Mapping) else {"default": adapter}
     if not sources:
         return LoadedModel(model.eval(), processor)
     for name, source in sources.items():

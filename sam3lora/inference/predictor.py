@@ -24,7 +24,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, image_name, to_pil
-from sam3lora.inference.loading import LoadedModel, canonical_dtype, load_for_inference
+from sam3lora.inference.loading import LoadedModel, load_for_inference
 
 VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor and the training rows)
 PAD_LABEL = -10
@@ -141,10 +141,10 @@ class Sam3LoRAPredictor:
     yields the raw per-query outputs (for evaluation).
     """
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, loaded: LoadedModel, device: str = "cpu") -> None:
         self.device = _device(device)
-        self.dtype = getattr(torch, canonical_dtype(dtype))
         self.model: nn.Module = loaded.model.to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype  # inputs are cast to the weights' dtype
         self.processor: Sam3Processor = loaded.processor
         self.adapters: list[str] = list(loaded.adapters)
         self.merged: str | None = loaded.merged
@@ -176,7 +176,7 @@ class Sam3LoRAPredictor:
         """
         dev = _device(device)  # fail before loading anything
         loaded = load_for_inference(base, adapter, dtype=dtype, merge=merge, seed=seed, image_size=image_size)
-        return cls(loaded, device=str(dev), dtype=dtype)
+        return cls(loaded, device=str(dev))
 
     # ----------------------------------------------------------------------------------------- adapters
     def _resolve_adapter(self, adapter: Any) -> str | None:
@@ -270,7 +270,10 @@ class Sam3LoRAPredictor:
         adapter: Any = _DEFAULT,
     ) -> Iterator[ImageOutput]:
         """Raw outputs per image, in order: images run ``batch_size`` at a time, every prompt of one image sharing
-        one vision pass. Raises ``PromptError`` for an exemplar box outside an image."""
+        one vision pass. Raises ``PromptError`` for an exemplar box outside an image.
+
+        The adapter is switched for the life of the generator: consume one ``outputs`` generator at a time.
+        """
         if batch_size < 1:
             raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
         if not prompts:

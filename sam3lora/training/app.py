@@ -50,8 +50,9 @@ def run(cfg: DictConfig) -> float | None:
         cfg.module, "module", model=apply_lora(model, lora), criterion=build(cfg.loss, "loss"), lora_settings=lora
     )
     datamodule = build(cfg.data, "data", processor=processor)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items()]
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
+    # callbacks / logger: null (e.g. debug configs) means none; a single entry set to null is left out
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from torch import Tensor, nn
 from torchvision.ops import box_convert
@@ -47,6 +48,19 @@ class MetricSettings:
     mask_threshold: float = 0.5
     ap_every_n_epochs: int = 1
     max_detections: int = 100
+
+
+def _fp32_roi_features_on_cpu(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Geometry-encoder pre-hook: under CPU bf16 autocast, hand it float32 features of the last level.
+
+    HF casts bfloat16 features to float16 for ``roi_align``, and CPU autocast cannot handle float16 (the
+    ``torch.cat`` inside ``roi_align`` raises "Unexpected floating ScalarType in at::autocast::prioritize"), so
+    ``trainer.precision=bf16-mixed`` on the CPU would fail on every step. GPUs are unaffected and untouched.
+    """
+    feats = kwargs.get("img_feats")
+    if feats is None or not torch.is_autocast_enabled("cpu") or feats[-1].dtype != torch.bfloat16:
+        return None
+    return args, {**kwargs, "img_feats": (*feats[:-1], feats[-1].float())}
 
 
 class Sam3LoRAModule(L.LightningModule):
@@ -80,6 +94,8 @@ class Sam3LoRAModule(L.LightningModule):
         self.schedule = scheduler
         self.metric_settings = metrics
         self.component_lr = dict(component_lr or {})
+        if isinstance(lora_settings, DictConfig):  # hydra.utils.instantiate turns a dataclass kwarg into a config
+            lora_settings = OmegaConf.to_object(lora_settings)
         self.lora_settings = lora_settings
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint verifies them
         self._captured: dict[str, Any] = {}
@@ -88,10 +104,13 @@ class Sam3LoRAModule(L.LightningModule):
         base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder"))
         # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
         base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
+        base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
         self._checked_unused = False
         self.iou_dice = MatchedIoUDice(metrics.score_threshold)
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
         self.coco_ap = CocoApAccumulator(max_dets=metrics.max_detections)
+        self._check_component_lr()  # a typo fails at build time, not after a validation pass
+        self._check_optimizer()
 
     @property
     def base_model(self) -> nn.Module:
@@ -256,9 +275,7 @@ class Sam3LoRAModule(L.LightningModule):
 
         Biases, norms and other 1-D parameters (DoRA magnitudes) get weight decay 0.
         """
-        unknown = set(self.component_lr) - {component_of(n.removeprefix("model.")) for n, _ in self.named_parameters()}
-        if unknown:
-            raise ValueError(f"module.component_lr: unknown component(s) {sorted(unknown)}")
+        self._check_component_lr()
         groups: dict[tuple[float | None, bool], list[nn.Parameter]] = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
@@ -275,6 +292,19 @@ class Sam3LoRAModule(L.LightningModule):
                 group["weight_decay"] = 0.0
             result.append(group)
         return result
+
+    def _check_component_lr(self) -> None:
+        known = {component_of(n) for n, _ in self.model.named_parameters()}
+        unknown = set(self.component_lr) - known
+        if unknown:
+            raise ValueError(f"module.component_lr: unknown component(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    def _check_optimizer(self) -> None:
+        """Build the optimiser once over a dummy parameter: a bad argument (lr: abc) fails now, naming the key."""
+        try:
+            self.optimizer_factory([nn.Parameter(torch.zeros(1))])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"module.optimizer: {err}") from err
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.param_groups())
@@ -306,9 +336,16 @@ class Sam3LoRAModule(L.LightningModule):
                     f"checkpoint was trained on base {recorded.get('name_or_path')!r} ({key} {recorded[key]}), "
                     f"but this model's base is {here['name_or_path']!r} ({key} {here[key]})"
                 )
-        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        trainable, saved = self.trainable_names(), set(checkpoint["state_dict"])
+        missing = sorted(trainable - saved)
         if missing:
             raise ValueError(
                 f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:3]}: it was "
                 "made with another LoRA preset"
+            )
+        extra = sorted(saved - trainable)  # strict_loading is off: they would be dropped without a word
+        if extra:
+            raise ValueError(
+                f"checkpoint holds {len(extra)} weight(s) this model does not train, e.g. {extra[:3]}: it was made "
+                "with another LoRA preset"
             )

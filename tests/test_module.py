@@ -1,0 +1,330 @@
+"""``Sam3LoRAModule`` in process: forward (aux outputs, shared vision pass), a training step, checkpoints, param groups.
+
+Everything runs on the tiny preset with a batch from the real ``Sam3DataModule`` over a small synthetic set;
+the module is built from the composed ``conf/train.yaml`` exactly as the training app builds it. Torch runs on
+one thread here: the tensors are small, and two threads on a 2-core machine that others share are many times
+slower than one (OpenMP threads wait for a busy core).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from sam3lora.data.synthetic import write_synthetic
+from sam3lora.lora import apply_lora, component_of
+from sam3lora.model import load_model
+from sam3lora.training.module import MetricSettings, Sam3LoRAModule
+from sam3lora.training.schedule import ScheduleSettings
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+SMALL_DATA = ["data.num_workers=0", "data.batch_size=2", "data.max_prompts_per_image=3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 train / 4 val synthetic images, written once per test session (shared by the test files)."""
+    root = tmp_path_factory.getbasetemp() / "synthetic_6x4"
+    if not (root / "val" / "annotations.json").is_file():
+        write_synthetic(root, train=6, val=4, size=224, seed=0)
+    return root
+
+
+def compose_cfg(root: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=[f"data.root={root}", *SMALL_DATA, *overrides])
+
+
+def build_module(cfg: DictConfig, seed: int | None = None) -> Sam3LoRAModule:
+    """The module exactly as ``sam3lora.training.app.run`` builds it (``seed`` overrides the tiny base's seed)."""
+    model_kwargs = dict(cfg.model) | ({} if seed is None else {"seed": seed})
+    model, _ = load_model(**model_kwargs)
+    lora = instantiate(cfg.lora)
+    return instantiate(cfg.module, model=apply_lora(model, lora), criterion=instantiate(cfg.loss), lora_settings=lora)
+
+
+@pytest.fixture(scope="module")
+def batches(synthetic_root: Path) -> dict:
+    """One training and one validation batch from the real data module (augmented / stretched)."""
+    cfg = compose_cfg(synthetic_root)
+    _, processor = load_model(**cfg.model)
+    datamodule = instantiate(cfg.data, processor=processor)
+    datamodule.setup("fit")
+    train, val = next(iter(datamodule.train_dataloader())), next(iter(datamodule.val_dataloader()))
+    for batch in (train, val):  # the tests below need both kinds of rows and several rows per image
+        sizes = [len(t["boxes"]) for t in batch.targets]
+        assert any(sizes) and not all(sizes), sizes
+        assert batch.num_rows > batch.pixel_values.shape[0]
+    return {"train": train, "val": val, "processor": processor}
+
+
+def plain_module(cfg: DictConfig) -> Sam3LoRAModule:
+    """A module around the bare ``Sam3Model`` (no PEFT), every parameter trainable: gradients everywhere."""
+    model, _ = load_model(**cfg.model)
+    model.requires_grad_(True)
+    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+    return Sam3LoRAModule(model, instantiate(cfg.loss), optimizer, ScheduleSettings(), MetricSettings())
+
+
+def repeated_image_outputs(model: nn.Module, batch) -> object:
+    """HF's own path: every row carries its own copy of its image."""
+    return model(
+        pixel_values=batch.pixel_values[batch.image_index],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        input_boxes=batch.input_boxes,
+        input_boxes_labels=batch.input_boxes_labels,
+    )
+
+
+def grads_of(module: nn.Module, scalar: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    scalar.backward(retain_graph=True)
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+def test_aux_outputs_equal_hf_per_layer_values_and_gradients(synthetic_root: Path, batches: dict) -> None:
+    """Each aux output equals what HF computes for that decoder layer, in value and in gradient.
+
+    HF's outputs for layer i are the final outputs of the same model with its decoder cut after layer i (the
+    decoder is sequential, and Sam3Model.forward builds boxes, logits and presence from the last layer it has).
+    """
+    batch = batches["train"]
+    module = plain_module(compose_cfg(synthetic_root))
+    model = module.model
+    decoder = model.detr_decoder
+    layers = decoder.layers
+    outputs = module(batch)
+    aux = outputs["aux_outputs"]
+    assert len(aux) == len(layers) - 1 >= 2
+    g = torch.Generator().manual_seed(0)
+    for i, layer_out in enumerate(aux):
+        decoder.layers = nn.ModuleList(list(layers)[: i + 1])
+        try:
+            ref = repeated_image_outputs(model, batch)
+        finally:
+            decoder.layers = layers
+        for key in ("pred_logits", "pred_boxes", "presence_logits"):
+            torch.testing.assert_close(layer_out[key], getattr(ref, key), rtol=0, atol=1e-5, msg=f"aux[{i}] {key}")
+        # a random linear probe of the three outputs: its gradient reaches every parameter they depend on
+        weights = {k: torch.randn(getattr(ref, k).shape, generator=g) for k in ("pred_logits", "pred_boxes")}
+        weights["presence_logits"] = torch.randn(ref.presence_logits.shape, generator=g)
+
+        def probe(out, get, weights=weights):
+            return sum((get(out, k) * w).sum() for k, w in weights.items())
+
+        ours = grads_of(module, probe(layer_out, lambda o, k: o[k]))
+        theirs = grads_of(module, probe(ref, getattr))
+        # a parameter the layer does not depend on has no gradient on HF's side and, through the stacked
+        # per-layer tensors, a zero one on ours: compare values, absent = 0
+        assert any(n.startswith("model.detr_decoder.box_head") for n in theirs)
+        for name in ours.keys() | theirs.keys():
+            a = ours.get(name, torch.zeros_like(theirs.get(name, ours.get(name))))
+            b = theirs.get(name, torch.zeros_like(a))
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"aux[{i}] grad of {name}")
+
+
+def test_final_outputs_equal_the_repeated_image_path_and_vision_runs_once_per_image(
+    synthetic_root: Path, batches: dict
+) -> None:
+    batch = batches["val"]
+    # random B: the adapters (vision encoder included) change the outputs, so the comparison covers them
+    module = build_module(compose_cfg(synthetic_root, "lora=full", "++lora.init=false"))
+    calls: list[int] = []
+    vision = module.base_model.vision_encoder
+    handle = vision.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        ours = module(batch)
+        assert calls == [batch.pixel_values.shape[0]]  # one vision pass over the I images, not the R rows
+        theirs = repeated_image_outputs(module.model, batch)
+        base_out = module.model.get_base_model()
+    handle.remove()
+    assert calls[-1] == batch.num_rows
+    for key in ("pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg"):
+        torch.testing.assert_close(ours[key], getattr(theirs, key), rtol=0, atol=1e-5, msg=key)
+    with torch.no_grad(), module.model.disable_adapter():
+        plain = repeated_image_outputs(base_out, batch)
+    assert (plain.pred_logits - theirs.pred_logits).abs().max() > 1e-3  # the adapters were really in the path
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def test_training_step_reduces_the_loss_and_only_adapters_get_gradients(synthetic_root: Path, batches: dict) -> None:
+    batch = batches["train"]
+    torch.manual_seed(0)  # adapter init and the DETR dropout (0.1) draw from the global generator
+    module = build_module(compose_cfg(synthetic_root, "lora=balanced", "module.optimizer.lr=5e-3"))
+    module.train()
+    optimizer = module.optimizer_factory(module.param_groups())
+    trainable = module.trainable_names()
+    assert trainable and all("lora_" in n for n in trainable)
+    losses = []
+    for step in range(8):
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # self.log without a Trainer only warns
+            warnings.simplefilter("ignore")
+            loss = module.training_step(batch, step)
+        loss.backward()
+        if step == 0:
+            with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+            assert with_grad == trainable  # every adapter weight, and nothing frozen
+            assert all(not p.requires_grad for n, p in module.named_parameters() if n not in trainable)
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert min(losses[4:]) < min(losses[:4]), losses
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def saved_checkpoint(module: Sam3LoRAModule) -> dict:
+    """What Lightning hands to ``on_save_checkpoint``, after the hook ran."""
+    checkpoint = {"state_dict": module.state_dict(), "epoch": 0}
+    module.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
+def nbytes(obj: object) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+@pytest.fixture(scope="module")
+def minimal_checkpoint(synthetic_root: Path) -> tuple[dict, dict]:
+    """A checkpoint of the minimal preset with non-trivial adapter weights, and the full state dict's size."""
+    module = build_module(compose_cfg(synthetic_root, "lora=minimal"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    full = {k: v.clone() for k, v in module.state_dict().items()}
+    return saved_checkpoint(module), full
+
+
+def test_checkpoint_keeps_only_trainable_weights(synthetic_root: Path, minimal_checkpoint: tuple[dict, dict]) -> None:
+    checkpoint, full = minimal_checkpoint
+    state = checkpoint["state_dict"]
+    assert state and all("lora_" in k for k in state)
+    assert set(checkpoint["sam3lora"]["trainable"]) == set(state)
+    assert checkpoint["sam3lora"]["lora"]["rank"] == 8  # the preset's settings travel with it
+    assert checkpoint["sam3lora"]["base"]["weights"] is not None
+    size_mb, full_mb = nbytes(checkpoint) / 2**20, nbytes(full) / 2**20
+    trainable_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
+    assert size_mb < full_mb / 10, (size_mb, full_mb)
+    assert size_mb < 1.2 * trainable_mb + 0.05  # the weights themselves plus a little bookkeeping
+
+
+def test_checkpoint_round_trip_restores_the_adapters(
+    synthetic_root: Path, minimal_checkpoint: tuple[dict, dict]
+) -> None:
+    checkpoint, _ = minimal_checkpoint
+    module = build_module(compose_cfg(synthetic_root, "lora=minimal"))
+    module.on_load_checkpoint(checkpoint)
+    result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert not result.unexpected_keys
+    assert not set(result.missing_keys) & module.trainable_names()
+    restored = module.state_dict()
+    for key, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_base_is_refused(synthetic_root: Path, minimal_checkpoint: tuple[dict, dict]) -> None:
+    checkpoint, _ = minimal_checkpoint
+    other = build_module(compose_cfg(synthetic_root, "lora=minimal"), seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match=r"trained on base .*weights"):
+        other.on_load_checkpoint(checkpoint)
+
+
+def test_checkpoint_of_another_preset_is_refused(synthetic_root: Path, minimal_checkpoint: tuple[dict, dict]) -> None:
+    checkpoint, _ = minimal_checkpoint
+    full = build_module(compose_cfg(synthetic_root, "lora=full"))
+    with pytest.raises(ValueError, match=r"lacks \d+ trainable weight\(s\).*another LoRA preset"):
+        full.on_load_checkpoint(checkpoint)
+    # the other way round: every weight the balanced preset needs is in a full-preset checkpoint, plus many more
+    balanced = build_module(compose_cfg(synthetic_root, "lora=balanced"))
+    bigger = saved_checkpoint(full)
+    assert balanced.trainable_names() < set(bigger["state_dict"])
+    with pytest.raises(ValueError, match=r"\d+ weight\(s\) this model does not train.*another LoRA preset"):
+        balanced.on_load_checkpoint(bigger)
+
+
+def test_checkpoint_not_written_by_sam3lora_is_refused(synthetic_root: Path) -> None:
+    module = build_module(compose_cfg(synthetic_root, "lora=minimal"))
+    with pytest.raises(ValueError, match="not written by sam3lora"):
+        module.on_load_checkpoint({"state_dict": module.state_dict()})
+
+
+# ----------------------------------------------------------------------------------------------- optimiser
+
+
+def optimizer_groups(module: Sam3LoRAModule) -> list[tuple[str, dict]]:
+    """(parameter name, its resolved optimizer group) for every parameter the optimiser steps."""
+    optimizer = module.optimizer_factory(module.param_groups())
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    return [(names[id(p)], group) for group in optimizer.param_groups for p in group["params"]]
+
+
+def test_biases_norms_and_1d_parameters_get_no_weight_decay(synthetic_root: Path) -> None:
+    # DoRA magnitudes (1-D) and a fully trained module with biases and a LayerNorm
+    overrides = ["lora=minimal", "++lora.variant=dora", "++lora.modules_to_save=[dot_product_scoring]"]
+    cfg = compose_cfg(synthetic_root, *overrides)
+    module = build_module(cfg)
+    pairs = optimizer_groups(module)
+    params = dict(module.model.named_parameters())
+    assert sorted(n for n, _ in pairs) == sorted(n for n, p in params.items() if p.requires_grad)  # each once
+    no_decay = {n for n, g in pairs if g["weight_decay"] == 0.0}
+    expected = {n for n, _ in pairs if params[n].ndim < 2 or n.endswith(".bias") or "norm" in n}
+    assert no_decay == expected
+    assert any("lora_magnitude_vector" in n for n in no_decay)
+    assert any("text_mlp_out_norm" in n for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+    decay = [g["weight_decay"] for n, g in pairs if n not in no_decay]
+    assert decay and set(decay) == {cfg.module.optimizer.weight_decay}
+    assert all(params[n].ndim == 2 for n, _ in pairs if n not in no_decay)
+
+
+def test_component_lr_sets_the_learning_rate_per_component(synthetic_root: Path) -> None:
+    overrides = ["lora=balanced", "++module.component_lr={detr_decoder:1.0e-5,vision_encoder:2.0e-4}"]
+    cfg = compose_cfg(synthetic_root, *overrides)
+    module = build_module(cfg)
+    pairs = optimizer_groups(module)
+    by_component: dict[str, set[float]] = {}
+    for name, group in pairs:
+        by_component.setdefault(component_of(name), set()).add(group["lr"])
+    assert by_component["detr_decoder"] == {1e-5}
+    assert by_component["vision_encoder"] == {2e-4}
+    others = {c for c in by_component if c not in ("detr_decoder", "vision_encoder")}
+    assert others and all(by_component[c] == {cfg.module.optimizer.lr} for c in others)
+
+
+def test_unknown_component_in_component_lr_is_an_error(synthetic_root: Path) -> None:
+    cfg = compose_cfg(synthetic_root, "lora=minimal", "++module.component_lr={detr_decodr:1.0e-5}")
+    with pytest.raises(InstantiationException) as info:  # at build time, before any training or validation
+        build_module(cfg)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "module.component_lr" in str(info.value.__cause__) and "detr_decodr" in str(info.value.__cause__)
+    assert "detr_decoder" in str(info.value.__cause__)  # the known components are listed
