@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
+from sam3lora.perf import check_deterministic
 from sam3lora.training.dry_run import dry_run
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ def run(cfg: DictConfig) -> float | None:
         cfg.module, "module", model=apply_lora(model, lora), criterion=build(cfg.loss, "loss"), lora_settings=lora
     )
     datamodule = build(cfg.data, "data", processor=processor)
+    if module.vision_cache is not None:  # random training transforms: fail now, not after a validation pass
+        try:
+            check_deterministic(datamodule)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     # callbacks / logger: null (e.g. debug configs) means none; a single entry set to null is left out
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node]

@@ -14,6 +14,7 @@ are detached and would cut that path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,19 +27,34 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from torch import Tensor, nn
 from torchvision.ops import box_convert
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inverse_sigmoid
 
 from sam3lora.adapter import base_fingerprint
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.lora import component_of
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
+from sam3lora.perf import (
+    CHECKPOINTABLE,
+    PerfSettings,
+    TextFeatureCache,
+    VisionFeatureCache,
+    base_autocast,
+    check_deterministic,
+    check_frozen,
+    prepare_low_precision_base,
+    set_activation_checkpointing,
+)
+from sam3lora.perf.feature_cache import transform_fingerprint
 from sam3lora.training.schedule import ScheduleSettings
 
 
 @dataclass
 class MetricSettings:
     """Attributes:
-    score_threshold: instances with sigmoid(logit) * sigmoid(presence) >= this count (IoU/Dice/cgF1).
+    score_threshold: predictions with sigmoid(logit) * sigmoid(presence) >= this count for cgF1 / IL_MCC / pmF1.
+        ``val/iou`` and ``val/dice`` are not thresholded: they are the mask IoU / Dice of the query the criterion
+        matched to each ground-truth instance (mask quality; calibration is what cgF1 measures).
     mask_threshold: mask probability above which a pixel is foreground.
     ap_every_n_epochs: COCO box/mask AP every N validation epochs (0 = never); every validation outside ``fit``.
     max_detections: detections per (image, prompt) row kept for AP (COCO keeps 100 per image).
@@ -75,6 +91,10 @@ class Sam3LoRAModule(L.LightningModule):
         metrics: validation metric settings.
         component_lr: optional learning rate per component (``vision_encoder``, ``detr_decoder``, ...).
         lora_settings: the LoRA settings, recorded beside exported adapters.
+        perf: speed/memory switches (activation checkpointing, vision/text feature caches); all off by default.
+
+    A base loaded in bfloat16/float16 (``model.dtype``) keeps float32 trainable weights and runs under autocast
+    to the base dtype when the trainer's precision does not already autocast.
     """
 
     def __init__(
@@ -86,6 +106,7 @@ class Sam3LoRAModule(L.LightningModule):
         metrics: MetricSettings,
         component_lr: Mapping[str, float] | None = None,
         lora_settings: Any = None,
+        perf: PerfSettings | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -106,11 +127,48 @@ class Sam3LoRAModule(L.LightningModule):
         base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
         self._checked_unused = False
-        self.iou_dice = MatchedIoUDice(metrics.score_threshold)
+        self.iou_dice = MatchedIoUDice(score_threshold=0.0)  # every matched query counts (see MetricSettings)
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
         self.coco_ap = CocoApAccumulator(max_dets=metrics.max_detections)
         self._check_component_lr()  # a typo fails at build time, not after a validation pass
         self._check_optimizer()
+        self._low_precision = prepare_low_precision_base(self.model)  # None for a float32 base
+        self.vision_cache: VisionFeatureCache | None = None
+        self.text_cache: TextFeatureCache | None = None
+        self.configure_perf(perf or PerfSettings())
+
+    def configure_perf(self, perf: PerfSettings) -> None:
+        """Apply ``perf``: activation checkpointing on the chosen encoders (off on the others), fresh caches.
+
+        Raises ``FeatureCacheError`` when a cache is asked for an encoder that trains (or has active dropout).
+        """
+        if isinstance(perf, DictConfig):
+            perf = OmegaConf.to_object(perf)
+        set_activation_checkpointing(self.model, CHECKPOINTABLE, enabled=False)
+        if perf.checkpoint_components:
+            set_activation_checkpointing(self.model, perf.checkpoint_components)
+        self.vision_cache = None
+        if perf.cache_vision_features:
+            check_frozen(self.model, "vision_encoder", "module.perf.cache_vision_features")
+            base_key = json.dumps(base_fingerprint(self.model), sort_keys=True)
+            self.vision_cache = VisionFeatureCache(
+                perf.cache_vision_features, perf.vision_cache_dir, perf.cache_dtype, base_key=base_key
+            )
+        self.text_cache = None
+        if perf.cache_text_features:
+            check_frozen(self.model, "text_encoder", "module.perf.cache_text_features")
+            self.text_cache = TextFeatureCache()
+        self.perf = perf
+
+    def setup(self, stage: str) -> None:
+        """With a vision cache: refuse random training transforms and namespace the cache by data and transforms."""
+        if self.vision_cache is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit":
+            check_deterministic(datamodule)
+        for split in ("train", "val"):
+            self.vision_cache.set_namespace(split, transform_fingerprint(datamodule, split))
 
     @property
     def base_model(self) -> nn.Module:
@@ -129,7 +187,28 @@ class Sam3LoRAModule(L.LightningModule):
         Returns ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` xyxy, ``presence_logits (R,1)``,
         ``pred_masks (R,Q,h,w)``, ``semantic_seg (R,1,h,w)`` and ``aux_outputs`` (one dict per earlier layer).
         """
-        vision = self.model.get_vision_features(pixel_values=batch.pixel_values)  # once per image
+        with base_autocast(self._low_precision, batch.pixel_values.device):
+            return self._forward(batch)
+
+    def _vision_features(self, batch: Sam3Batch) -> Sam3VisionEncoderOutput:
+        """Features of the I images (``fpn_*`` tuples of (I,C,h,w)): computed, or from the vision cache."""
+        if self.vision_cache is None:
+            return self.model.get_vision_features(pixel_values=batch.pixel_values)
+        stage = "train" if self.training else "val"
+        return self.vision_cache.features(self.model, batch.pixel_values, batch.image_ids, stage)
+
+    def _text_inputs(self, batch: Sam3Batch) -> dict[str, Any]:
+        """``input_ids`` for Sam3Model, or ``text_embeds`` built from cached text-encoder outputs (R,32,D)."""
+        if self.text_cache is None:
+            return {"input_ids": batch.input_ids}
+        base = self.base_model
+        hidden = self.text_cache(base.text_encoder, batch.input_ids, batch.attention_mask)
+        # as Sam3Model.get_text_features: the projection of the last hidden state (it may be trained, so not cached)
+        embeds = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=base.text_projection(hidden))
+        return {"text_embeds": embeds}
+
+    def _forward(self, batch: Sam3Batch) -> dict[str, Any]:
+        vision = self._vision_features(batch)  # once per image
         idx = batch.image_index
         per_row = Sam3VisionEncoderOutput(
             fpn_hidden_states=tuple(t[idx] for t in vision.fpn_hidden_states),
@@ -138,7 +217,7 @@ class Sam3LoRAModule(L.LightningModule):
         self._captured.clear()
         out = self.model(
             vision_embeds=per_row,
-            input_ids=batch.input_ids,
+            **self._text_inputs(batch),
             attention_mask=batch.attention_mask,
             input_boxes=batch.input_boxes,
             input_boxes_labels=batch.input_boxes_labels,

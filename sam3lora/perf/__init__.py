@@ -1,0 +1,99 @@
+"""Speed and memory switches of the training step (``module.perf`` in ``conf/module/default.yaml``).
+
+Measured by ``scripts/benchmark.py``; see ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sam3lora.perf.checkpointing import CHECKPOINTABLE, RecomputeFlops, set_activation_checkpointing
+from sam3lora.perf.feature_cache import (
+    CACHE_MODES,
+    FeatureCacheError,
+    TextFeatureCache,
+    VisionFeatureCache,
+    check_deterministic,
+    check_frozen,
+)
+from sam3lora.perf.precision import base_autocast, prepare_low_precision_base
+
+_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = [
+    "CHECKPOINTABLE",
+    "FeatureCacheError",
+    "PerfSettings",
+    "RecomputeFlops",
+    "TextFeatureCache",
+    "VisionFeatureCache",
+    "base_autocast",
+    "check_deterministic",
+    "check_frozen",
+    "prepare_low_precision_base",
+    "set_activation_checkpointing",
+]
+
+
+@dataclass
+class PerfSettings:
+    """Speed/memory switches; all off by default (each trades something, see ``docs/performance.md``).
+
+    Attributes:
+        activation_checkpointing: recompute encoder blocks in backward instead of keeping their activations.
+            ``true`` = vision and text encoders, or a list of components from ``CHECKPOINTABLE``.
+        cache_vision_features: ``false | memory | disk`` (``true`` = memory). Compute each image's vision features
+            once and reuse them in later epochs; needs a frozen, un-adapted vision encoder (``lora=minimal``) and
+            deterministic training transforms.
+        vision_cache_dir: where ``disk`` mode writes (one file per image, namespaced by base weights, data root,
+            split and transforms).
+        vision_cache_dtype: store cached vision features as ``float32 | bfloat16 | float16``; null keeps the dtype
+            they were computed in.
+        cache_text_features: compute the text encoder's output once per distinct prompt; needs a frozen,
+            un-adapted text encoder (every shipped preset but ``full``).
+    """
+
+    activation_checkpointing: bool | list[str] = False
+    cache_vision_features: bool | str = False
+    vision_cache_dir: str | None = None
+    vision_cache_dtype: str | None = None
+    cache_text_features: bool = False
+
+    def __post_init__(self) -> None:
+        ckpt = self.activation_checkpointing
+        if isinstance(ckpt, str):
+            raise ValueError(f"module.perf.activation_checkpointing: true, false or a list of {CHECKPOINTABLE}")
+        if not isinstance(ckpt, bool):
+            ckpt = list(ckpt)
+            unknown = sorted(set(ckpt) - set(CHECKPOINTABLE))
+            if unknown:
+                raise ValueError(
+                    f"module.perf.activation_checkpointing: unknown component(s) {unknown}; known: {CHECKPOINTABLE}"
+                )
+            self.activation_checkpointing = ckpt
+        mode = self.cache_vision_features
+        if mode is True:
+            self.cache_vision_features = "memory"
+        elif mode not in (False, None, *CACHE_MODES):
+            raise ValueError(f"module.perf.cache_vision_features: false, memory or disk, got {mode!r}")
+        if self.cache_vision_features is None:
+            self.cache_vision_features = False
+        if self.vision_cache_dtype is not None and self.vision_cache_dtype not in _CACHE_DTYPES:
+            known = sorted(_CACHE_DTYPES)
+            raise ValueError(f"module.perf.vision_cache_dtype: null or one of {known}, got {self.vision_cache_dtype!r}")
+        if self.cache_vision_features == "disk" and not self.vision_cache_dir:
+            raise ValueError("module.perf.vision_cache_dir must be set when cache_vision_features is 'disk'")
+        self.cache_text_features = bool(self.cache_text_features)
+
+    @property
+    def checkpoint_components(self) -> list[str]:
+        ckpt = self.activation_checkpointing
+        if ckpt is True:
+            return list(CHECKPOINTABLE)
+        return list(ckpt) if ckpt else []
+
+    @property
+    def cache_dtype(self) -> torch.dtype | None:
+        return None if self.vision_cache_dtype is None else _CACHE_DTYPES[self.vision_cache_dtype]
