@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="extra conf/train.yaml overrides, e.g. loss.weight_dice=40")
     args = parser.parse_args(argv)
 
     L.seed_everything(args.seed, workers=True)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [
         f"paths.root_dir={work}", f"data.root={data}", f"data.batch_size={args.batch_size}",
         f"module.optimizer.lr={args.lr}", "module.optimizer.weight_decay=0.05", "module.scheduler.warmup_steps=100",
-        "module.metrics.ap_every_n_epochs=0",
+        "module.metrics.ap_every_n_epochs=0", *args.overrides,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         processor.save_pretrained(tmp)
         record = {"preset": "tiny-pretrained", "categories": list(PRETRAIN_CATEGORIES), "epochs": args.epochs,
                   "warm_epochs": args.warm_epochs, "best_epoch": keep.epoch, "val_cgF1": keep.best[0],
-                  "val_iou": keep.best[1], "train_images": args.train, "lr": args.lr}
+                  "val_iou": keep.best[1], "train_images": args.train, "lr": args.lr, "overrides": args.overrides}
         (tmp / "sam3lora_preset.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}: best epoch {keep.epoch}, val/cgF1 {keep.best[0]:.2f}, val/iou {keep.best[1]:.4f}")
 

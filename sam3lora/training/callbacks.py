@@ -63,6 +63,22 @@ class BestAdapterExport(L.Callback):
         self.best = state_dict.get("best")
 
 
+class EpochSummary(L.Callback):
+    """Print one line of validation metrics after every validation epoch (``keys`` in that order, if logged)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = list(keys)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{k} {float(metrics[k]):.4f}" for k in self.keys if k in metrics]
+        where = f"epoch {trainer.current_epoch}" if trainer.state.fn == "fit" else trainer.state.fn.value
+        print(f"[{where}] " + "  ".join(parts), flush=True)
+
+
 _PALETTE = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
                      [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.float32) / 255.0
 
