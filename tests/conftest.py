@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,26 @@ def sam3lora_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("SAM3LORA_HOME", None)
     else:
         os.environ["SAM3LORA_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Pin torch to one thread for a test module: on 2 shared cores two threads make steps 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 train / 4 val synthetic images, written once per test session (shared by the test files)."""
+    from sam3lora.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.getbasetemp() / "synthetic_6x4"
+    if not (root / "val" / "annotations.json").is_file():
+        write_synthetic(root, train=6, val=4, size=224, seed=0)
+    return root
 
 
 @pytest.fixture

@@ -21,31 +21,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from sam3lora.data.synthetic import write_synthetic
 from sam3lora.lora import apply_lora, component_of
 from sam3lora.model import load_model
 from sam3lora.training.module import MetricSettings, Sam3LoRAModule
 from sam3lora.training.schedule import ScheduleSettings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SMALL_DATA = ["data.num_workers=0", "data.batch_size=2", "data.max_prompts_per_image=3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 train / 4 val synthetic images, written once per test session (shared by the test files)."""
-    root = tmp_path_factory.getbasetemp() / "synthetic_6x4"
-    if not (root / "val" / "annotations.json").is_file():
-        write_synthetic(root, train=6, val=4, size=224, seed=0)
-    return root
 
 
 def compose_cfg(root: Path, *overrides: str) -> DictConfig:

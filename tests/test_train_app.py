@@ -28,10 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sam3lora.data.synthetic import write_synthetic
 from sam3lora.model import load_model
 from sam3lora.training.app import ConfigError, build, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = [
     "data.num_workers=0",
@@ -45,23 +45,6 @@ SMALL = [
 # no start-vs-best validation, no COCO AP, no plots, no loggers: the parts under test and nothing else
 LEAN = ["compare_with_start=false", "module.metrics.ap_every_n_epochs=0", "~callbacks.plots", "~callbacks.lr_monitor",
         "~logger"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 train / 4 val synthetic images, written once per test session (shared by the test files)."""
-    root = tmp_path_factory.getbasetemp() / "synthetic_6x4"
-    if not (root / "val" / "annotations.json").is_file():
-        write_synthetic(root, train=6, val=4, size=224, seed=0)
-    return root
 
 
 @pytest.fixture(autouse=True)
