@@ -68,9 +68,13 @@ def check_frozen(model: nn.Module, component: str, key: str) -> None:
 
 
 def _ops(pipeline: Any) -> Iterable[Any]:
+    """Every op of an albumentations pipeline, nested compositions (OneOf, Sequential, ...) included."""
+    import albumentations as A
+
     for op in getattr(pipeline, "transforms", []):
         yield op
-        yield from _ops(op) if hasattr(op, "transforms") else ()
+        if isinstance(op, A.BaseCompose):
+            yield from _ops(op)
 
 
 def random_ops(pipeline: Any) -> list[str]:
@@ -133,13 +137,22 @@ def transform_fingerprint(datamodule: Any, stage: str) -> str:
 
 
 def pixel_fingerprints(pixel_values: Tensor) -> Tensor:
-    """(I, 3, S, S) -> float64 (I, 2): sum and sum of squares of each image (a cheap guard against changed pixels)."""
-    flat = pixel_values.detach().flatten(1).double()
-    return torch.stack([flat.sum(1), flat.square().sum(1)], dim=1).cpu()
+    """(I, 3, H, W) -> float64 (I, 4): a cheap guard against changed pixels.
+
+    Sum and sum of squares of each image, and its sums weighted by column and by row index (so that a flip or a
+    shift, which keep the first two, changes the fingerprint too).
+    """
+    p = pixel_values.detach().double()
+    cols = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
+    rows = torch.arange(p.shape[-2], device=p.device, dtype=p.dtype)
+    return torch.stack(
+        [p.sum((1, 2, 3)), p.square().sum((1, 2, 3)), (p.sum((1, 2)) * cols).sum(-1), (p.sum((1, 3)) * rows).sum(-1)],
+        dim=1,
+    ).cpu()
 
 
 class _Entry(NamedTuple):
-    fingerprint: Tensor  # float64 (2,): pixel sum and sum of squares
+    fingerprint: Tensor  # float64 (4,): see pixel_fingerprints
     levels: tuple[Tensor, ...]  # (C, h, w) per FPN level, as stored
     dtype: torch.dtype  # dtype they were computed in (restored on load)
 
@@ -257,7 +270,7 @@ class VisionFeatureCache:
                 first_miss.setdefault(image_id, k)
                 self.misses += 1
                 continue
-            if not torch.allclose(entry.fingerprint, prints[k], rtol=1e-6, atol=1e-3):
+            if not torch.allclose(entry.fingerprint, prints[k], rtol=1e-9, atol=1e-6):
                 raise FeatureCacheError(
                     f"vision feature cache: the pixels of image {image_id} ({stage}) changed since its features were "
                     "cached: the transforms are random or the dataset changed. Turn module.perf.cache_vision_features "

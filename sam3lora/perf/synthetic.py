@@ -134,3 +134,36 @@ def repeated_image_batch(batch: Sam3Batch) -> Sam3Batch:
     values["orig_sizes"] = batch.orig_sizes[batch.image_index]
     values["image_index"] = torch.arange(batch.num_rows, device=batch.image_index.device)
     return Sam3Batch(**values)
+
+
+def synthetic_outputs(
+    batch: Sam3Batch, queries: int, mask_size: int, decoder_layers: int = 6, seed: int = 0
+) -> dict[str, object]:
+    """Random model outputs for ``batch`` in the criterion's format (leaf tensors that require grad).
+
+    ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` valid xyxy, ``presence_logits (R,1)``, ``pred_masks`` and
+    ``semantic_seg`` at ``mask_size`` (SAM 3: 2/7 of the input size), and ``decoder_layers - 1`` aux outputs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = batch.num_rows
+    device = batch.pixel_values.device
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(True)
+
+    def boxes() -> torch.Tensor:
+        xy = torch.rand(rows, queries, 2, generator=g) * 0.7
+        wh = torch.rand(rows, queries, 2, generator=g) * 0.3 + 0.01
+        return torch.cat([xy, xy + wh], dim=-1).to(device).requires_grad_(True)
+
+    return {
+        "pred_logits": leaf(rows, queries),
+        "pred_boxes": boxes(),
+        "presence_logits": leaf(rows, 1),
+        "pred_masks": leaf(rows, queries, mask_size, mask_size),
+        "semantic_seg": leaf(rows, 1, mask_size, mask_size),
+        "aux_outputs": [
+            {"pred_logits": leaf(rows, queries), "pred_boxes": boxes(), "presence_logits": leaf(rows, 1)}
+            for _ in range(decoder_layers - 1)
+        ],
+    }

@@ -1,0 +1,258 @@
+"""Speed/memory switches (``sam3lora.perf``, ``module.perf``): each one must leave the numbers as they were.
+
+Everything runs on the tiny preset with random ``Sam3Batch``es (``sam3lora.perf.synthetic``), one torch thread.
+The module is built from the composed ``conf/train.yaml`` as the training app builds it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from sam3lora.data.datamodule import Sam3DataModule
+from sam3lora.lora import apply_lora
+from sam3lora.model import load_model
+from sam3lora.perf import (
+    FeatureCacheError,
+    PerfSettings,
+    VisionFeatureCache,
+    check_deterministic,
+)
+from sam3lora.perf.checkpointing import checkpoint_layers, checkpointed_components
+from sam3lora.perf.synthetic import synthetic_batch
+from sam3lora.training.module import Sam3LoRAModule
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def build_module(*overrides: str) -> Sam3LoRAModule:
+    cfg = compose_cfg(*overrides)
+    model, _ = load_model(**cfg.model)
+    lora = instantiate(cfg.lora)
+    torch.manual_seed(0)
+    return instantiate(cfg.module, model=apply_lora(model, lora), criterion=instantiate(cfg.loss), lora_settings=lora)
+
+
+def batch_for(module: Sam3LoRAModule, images: int = 2, prompts: int = 3, seed: int = 0, first_id: int = 0):
+    text = module.base_model.config.text_config
+    return synthetic_batch(
+        images, prompts, module.base_model.config.image_size, text.vocab_size, distinct_prompts=3, seed=seed,
+        first_image_id=first_id, bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+    )
+
+
+def loss_and_grads(module: Sam3LoRAModule, batch, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training-mode loss (dropout drawn from ``seed``) and the gradients of every trainable parameter."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # self.log without a Trainer only warns
+        warnings.simplefilter("ignore")
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def count_forwards(module: torch.nn.Module) -> list[int]:
+    """Calls of ``module`` (a pre-hook: a recomputation that stops early never reaches the forward hooks)."""
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------- vision cache
+
+
+def test_cached_vision_features_give_the_same_loss_and_gradients_and_skip_the_encoder() -> None:
+    module = build_module("lora=minimal", "++lora.init=false")  # random B: adapters change the outputs
+    batch = batch_for(module)
+    plain_loss, plain_grads = loss_and_grads(module, batch)
+    module.configure_perf(PerfSettings(cache_vision_features="memory"))
+    vision_calls = count_forwards(module.base_model.vision_encoder)
+    fill_loss, _ = loss_and_grads(module, batch)  # first epoch: computed and stored
+    assert len(vision_calls) == 1 and module.vision_cache.misses == batch.num_images
+    hit_loss, hit_grads = loss_and_grads(module, batch)  # later epochs: read back
+    assert len(vision_calls) == 1, "the vision encoder ran on a cache hit"
+    assert module.vision_cache.hits == batch.num_images and len(module.vision_cache) == batch.num_images
+    torch.testing.assert_close(fill_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hit_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == hit_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(hit_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_vision_cache_sees_changed_pixels_and_keeps_train_and_val_apart() -> None:
+    module = build_module("lora=minimal", "++module.perf.cache_vision_features=memory")
+    assert isinstance(module.vision_cache, VisionFeatureCache)  # built from the config key
+    batch = batch_for(module)
+    with torch.no_grad():
+        module.train()
+        module(batch)
+        module.eval()
+        module(batch)  # validation: its own namespace, so computed again
+    assert module.vision_cache.misses == 2 * batch.num_images and module.vision_cache.hits == 0
+    module.train()
+    flipped = batch.pixel_values.clone()
+    flipped[1] = flipped[1].flip(-1)  # a random horizontal flip: same pixel values, other places
+    shifted = batch.pixel_values.clone()
+    shifted[0, :, :, 8:] = batch.pixel_values[0, :, :, :-8]  # random_square padded the image elsewhere
+    for pixels, image_id in ((flipped, 1), (shifted, 0)):
+        batch.pixel_values = pixels
+        with torch.no_grad(), pytest.raises(FeatureCacheError, match=f"pixels of image {image_id} .*changed"):
+            module(batch)
+
+
+def test_disk_vision_cache_is_read_by_a_new_process_and_namespaced_by_the_base(tmp_path: Path) -> None:
+    directory = str(tmp_path / "features")
+    module = build_module("lora=minimal", "++module.perf.cache_vision_features=disk",
+                          f"++module.perf.vision_cache_dir={directory}", "++module.perf.vision_cache_dtype=bfloat16")
+    batch = batch_for(module, first_id=10)
+    module.eval()
+    with torch.no_grad():
+        first = module(batch)["pred_logits"]
+    assert sorted(p.name for p in Path(directory).glob("*/*.pt")) == ["10.pt", "11.pt"]
+    module.configure_perf(module.perf)  # a fresh cache object, as in a new run
+    vision_calls = count_forwards(module.base_model.vision_encoder)
+    with torch.no_grad():
+        again = module(batch)["pred_logits"]
+    assert not vision_calls and module.vision_cache.hits == 2
+    torch.testing.assert_close(again, first, rtol=0, atol=0.05)  # stored in bfloat16, restored to float32
+    assert again.dtype == torch.float32
+    other = build_module("lora=minimal", "model.seed=1", "++module.perf.cache_vision_features=disk",
+                         f"++module.perf.vision_cache_dir={directory}")
+    other.eval()
+    with torch.no_grad():
+        other(batch)
+    assert other.vision_cache.misses == 2  # another base never reads these features
+    assert len(list(Path(directory).iterdir())) == 2
+
+
+def test_vision_cache_is_refused_for_an_adapted_encoder_and_random_transforms(tmp_path: Path) -> None:
+    with pytest.raises(InstantiationException) as info:
+        build_module("lora=balanced", "++module.perf.cache_vision_features=memory")
+    message = str(info.value.__cause__)
+    assert "module.perf.cache_vision_features" in message and "vision_encoder" in message and "lora=minimal" in message
+    _, processor = load_model("tiny")
+    cfg = compose_cfg(f"data.root={tmp_path}")
+    random = instantiate(cfg.data, processor=processor)  # the default: random_square + flip + colour jitter
+    expected = r"random op\(s\) \['OneOf \(random choice\)', 'PadIfNeeded', 'HorizontalFlip', 'ColorJitter'\]"
+    with pytest.raises(FeatureCacheError, match=expected):
+        check_deterministic(random)
+    fixed = Sam3DataModule(processor, tmp_path, 224, train_transforms={"resize": "letterbox"})
+    check_deterministic(fixed)  # resize only: accepted
+    never = Sam3DataModule(processor, tmp_path, 224, train_transforms={
+        "resize": "stretch", "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.0}]})
+    check_deterministic(never)  # p = 0 never fires
+
+
+# ----------------------------------------------------------------------------------------------- text cache
+
+
+def test_text_feature_cache_gives_the_same_outputs_once_per_distinct_prompt() -> None:
+    module = build_module("lora=balanced", "++lora.init=false")
+    batch = batch_for(module, images=2, prompts=4)
+    distinct = len({tuple(row) for row in batch.input_ids.tolist()})
+    assert distinct < batch.num_rows  # prompts repeat, as a dataset's categories do
+    module.eval()
+    with torch.no_grad():
+        plain = module(batch)
+        module.configure_perf(PerfSettings(cache_text_features=True))
+        text_rows: list[int] = []
+        module.base_model.text_encoder.register_forward_pre_hook(
+            lambda _m, _a, kwargs: text_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        cached = module(batch)
+        again = module(batch)
+    assert text_rows == [distinct], text_rows  # one encoder call, over the distinct prompts only
+    assert module.text_cache.hits == batch.num_rows + (batch.num_rows - distinct)
+    for key in ("pred_logits", "pred_boxes", "presence_logits", "pred_masks", "semantic_seg"):
+        torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(again[key], plain[key], rtol=0, atol=1e-5, msg=key)
+    for layer_plain, layer_cached in zip(plain["aux_outputs"], cached["aux_outputs"], strict=True):
+        torch.testing.assert_close(layer_cached["pred_boxes"], layer_plain["pred_boxes"], rtol=0, atol=1e-5)
+
+
+def test_text_cache_is_refused_when_the_text_encoder_trains() -> None:
+    with pytest.raises(InstantiationException) as info:
+        build_module("lora=full", "++module.perf.cache_text_features=true")
+    assert "module.perf.cache_text_features" in str(info.value.__cause__)
+
+
+# ----------------------------------------------------------------------------------------------- checkpointing
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> None:
+    module = build_module("lora=full", "++lora.init=false")  # adapters in both encoders: gradients flow through them
+    batch = batch_for(module)
+    plain_loss, plain_grads = loss_and_grads(module, batch)
+    module.configure_perf(PerfSettings(activation_checkpointing=True))
+    assert checkpointed_components(module.model) == ["vision_encoder", "text_encoder"]
+    assert len(checkpoint_layers(module.model)) == 4 + 2  # every ViT and CLIP block of the tiny preset
+    # a block's submodules run again when backward recomputes the block (the block's own hooks do not)
+    mlps = [module.base_model.get_submodule(n) for n in ("vision_encoder.backbone.layers.0.mlp",
+                                                          "text_encoder.text_model.encoder.layers.1.mlp")]
+    calls = [count_forwards(mlp) for mlp in mlps]
+    ckpt_loss, ckpt_grads = loss_and_grads(module, batch)
+    assert [len(c) for c in calls] == [2, 2], "no block was recomputed in backward"
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    module.configure_perf(PerfSettings())
+    assert checkpointed_components(module.model) == []
+
+
+def test_perf_settings_validate_their_values() -> None:
+    assert PerfSettings(activation_checkpointing=True).checkpoint_components == ["vision_encoder", "text_encoder"]
+    assert PerfSettings(activation_checkpointing=["text_encoder"]).checkpoint_components == ["text_encoder"]
+    assert PerfSettings(cache_vision_features=True).cache_vision_features == "memory"
+    for bad in (dict(activation_checkpointing=["detr_decoder"]), dict(cache_vision_features="ram"),
+                dict(cache_vision_features="disk"), dict(vision_cache_dtype="int8")):
+        with pytest.raises(ValueError, match="module.perf"):
+            PerfSettings(**bad)
+
+
+# ----------------------------------------------------------------------------------------------- bf16 base
+
+
+def test_bf16_base_with_fp32_adapters_trains_a_step() -> None:
+    module = build_module("lora=balanced", "model.dtype=bfloat16", "++lora.modules_to_save=[dot_product_scoring]")
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+    assert any("lora_" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert sum(p.numel() for p in frozen if p.dtype == torch.bfloat16) > 0.95 * sum(p.numel() for p in frozen)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = module.optimizer_factory(module.param_groups())
+    batch = batch_for(module)
+    loss, grads = loss_and_grads(module, batch)  # no trainer autocast: the module autocasts to the base dtype
+    assert torch.isfinite(loss) and loss > 0
+    assert grads.keys() == trainable.keys() and all(g.dtype == torch.float32 for g in grads.values())
+    optimizer.step()
+    changed = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
+    assert len(changed) == len(trainable)
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision=bf16-mixed on top of it
+        mixed, _ = loss_and_grads(module, batch)
+    assert torch.isfinite(mixed)
