@@ -429,7 +429,7 @@ def run_model_config(models: Models, config: dict[str, Any], args: argparse.Name
     merged = False
     try:
         if train:
-            module.criterion = models.criterion(config["mask_loss"])
+            module.criterion = models.criterion(config["mask_loss"]).to(device)
             module.train()
             optimizer = torch.optim.AdamW(module.param_groups(), lr=1e-5)
 
@@ -787,14 +787,21 @@ def metadata(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     return {
         "mode": args.mode, "model": args.model if args.mode != "data" else "-", "image_size": args.image_size,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "steps": args.steps, "warmup": args.warmup,
         "distinct_batches": args.distinct_batches, "peak_tflops": peak_tflops(device, args.peak_tflops),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "command": "python scripts/benchmark.py " + " ".join(argv),
         "load_start": _load(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _load() -> str:

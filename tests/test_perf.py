@@ -7,17 +7,19 @@ The module is built from the composed ``conf/train.yaml`` as the training app bu
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from sam3lora.data.datamodule import Sam3DataModule
+from sam3lora.data.synthetic import write_synthetic
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.perf import (
@@ -28,6 +30,7 @@ from sam3lora.perf import (
 )
 from sam3lora.perf.checkpointing import checkpoint_layers, checkpointed_components
 from sam3lora.perf.synthetic import synthetic_batch
+from sam3lora.training.app import ConfigError, run
 from sam3lora.training.module import Sam3LoRAModule
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -256,3 +259,44 @@ def test_bf16_base_with_fp32_adapters_trains_a_step() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision=bf16-mixed on top of it
         mixed, _ = loss_and_grads(module, batch)
     assert torch.isfinite(mixed)
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """The config of one training job as ``@hydra.main`` hands it to the app (2 + 2 synthetic images)."""
+    root = tmp_path / "data"
+    write_synthetic(root, train=2, val=2, size=224, seed=0)
+
+    def make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True, overrides=[
+                f"data.root={root}", f"paths.root_dir={tmp_path}", "data.num_workers=0", "data.batch_size=2",
+                "data.max_prompts_per_image=3", "trainer.accelerator=cpu", *overrides])
+        (tmp_path / "job").mkdir(exist_ok=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "job")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def test_app_refuses_a_vision_cache_with_random_transforms_before_any_validation(job) -> None:
+    cfg = job("debug=fdr", "lora=minimal", "module.perf.cache_vision_features=memory")
+    with pytest.raises(ConfigError, match=r"module.perf.cache_vision_features .*random op\(s\) \['OneOf"):
+        run(cfg)
+
+
+def test_app_trains_with_both_caches_and_checkpointing(job) -> None:
+    cfg = job("debug=fdr", "lora=minimal", "module.perf.cache_vision_features=memory",
+              "module.perf.cache_text_features=true", "module.perf.activation_checkpointing=true",
+              "data.train_transforms=${data.val_transforms}")
+    metric = run(cfg)
+    assert metric is not None and 0.0 <= metric <= 1.0
