@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 from transformers import Sam3Processor
 
 from sam3lora.io import atomic_dir
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from sam3lora.model.loading import DTYPES
 
 
 def export_merged(
@@ -25,12 +23,12 @@ def export_merged(
     The merge happens in place (``merge_and_unload``): ``model`` is consumed. ``dtype`` casts the saved weights
     (``bfloat16 | float16 | float32``). The directory is written whole: temporary directory, then rename.
     """
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         merged = model.merge_and_unload()
         if dtype is not None:
-            merged = merged.to(_DTYPES[dtype])
+            merged = merged.to(DTYPES[dtype])
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)

@@ -11,7 +11,8 @@ from transformers import Sam3Config, Sam3Model, Sam3Processor
 from sam3lora.model.tiny import PRETRAINED_DIR, materialise_tiny
 
 HUB_ID = "facebook/sam3"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: dtype names accepted by every sam3lora option that takes one
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -49,12 +50,12 @@ def load_model(
         seed: weight seed of the ``tiny`` preset (ignored otherwise).
         token: Hugging Face token; defaults to ``$HF_TOKEN`` (the real weights are gated).
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source = resolve(name_or_path, seed)
     token = token or os.environ.get("HF_TOKEN")
     try:
-        model = Sam3Model.from_pretrained(source, dtype=_DTYPES[dtype], token=token)
+        model = Sam3Model.from_pretrained(source, dtype=DTYPES[dtype], token=token)
         processor = Sam3Processor.from_pretrained(source, token=token)
     except OSError as err:  # gated repo, no network, missing files: transformers raises OSError subclasses
         raise ModelLoadError(_explain(source, err)) from err

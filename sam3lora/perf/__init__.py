@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sam3lora.model.loading import DTYPES
 from sam3lora.perf.checkpointing import CHECKPOINTABLE, RecomputeFlops, set_activation_checkpointing
 from sam3lora.perf.feature_cache import (
     CACHE_MODES,
@@ -19,8 +20,6 @@ from sam3lora.perf.feature_cache import (
     check_frozen,
 )
 from sam3lora.perf.precision import base_autocast, prepare_low_precision_base
-
-_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = [
     "CHECKPOINTABLE",
@@ -80,8 +79,8 @@ class PerfSettings:
             raise ValueError(f"module.perf.cache_vision_features: false, memory or disk, got {mode!r}")
         if self.cache_vision_features is None:
             self.cache_vision_features = False
-        if self.vision_cache_dtype is not None and self.vision_cache_dtype not in _CACHE_DTYPES:
-            known = sorted(_CACHE_DTYPES)
+        if self.vision_cache_dtype is not None and self.vision_cache_dtype not in DTYPES:
+            known = sorted(DTYPES)
             raise ValueError(f"module.perf.vision_cache_dtype: null or one of {known}, got {self.vision_cache_dtype!r}")
         if self.cache_vision_features == "disk" and not self.vision_cache_dir:
             raise ValueError("module.perf.vision_cache_dir must be set when cache_vision_features is 'disk'")
@@ -96,4 +95,4 @@ class PerfSettings:
 
     @property
     def cache_dtype(self) -> torch.dtype | None:
-        return None if self.vision_cache_dtype is None else _CACHE_DTYPES[self.vision_cache_dtype]
+        return None if self.vision_cache_dtype is None else DTYPES[self.vision_cache_dtype]
