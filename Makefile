@@ -21,6 +21,9 @@ install: $(STAMP) ## Create .venv and install sam3lora (editable) with the dev t
 train: $(STAMP) ## Train the embedded default: tiny SAM 3 on a fresh synthetic set, on CPU (ARGS="..." adds overrides)
 	$(BIN)/sam3lora-train $(ARGS)
 
+demo: $(STAMP) ## Serve the Gradio demo on http://127.0.0.1:7860: base vs the newest run's adapter (ARGS="--port 8080 ...")
+	$(BIN)/sam3lora-demo $(ARGS)
+
 test: $(STAMP) ## Run the test suite (offline)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
 
@@ -34,4 +37,4 @@ clean: ## Remove run outputs, caches and generated data (keeps .venv)
 distclean: clean ## Also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install train test lint clean distclean
+.PHONY: help install train demo test lint clean distclean
