@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="write the best weights here (safetensors, bf16) whenever they improve")
     parser.add_argument("--history", type=Path, default=None, help="write the per-epoch metrics here (JSON)")
     parser.add_argument("--no-out", action="store_true", help="do not write the preset directory")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these weights (from --best-weights) instead of the random tiny preset")
     parser.add_argument("--weights", type=Path, default=None,
                         help="no training: package these weights (from --best-weights) as --out")
     parser.add_argument("--record", type=Path, default=None, help="with --weights: a JSON of facts to store")
@@ -179,15 +181,21 @@ def main(argv: list[str] | None = None) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     model, processor = load_model("tiny", seed=args.seed)
+    if args.init is not None:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
     model.requires_grad_(True).train()
-    module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.loss))
+    criterion = instantiate(cfg.loss)
+    presence_weight = criterion.weight_dict["loss_presence"]
+    module = instantiate(cfg.module, model=model, criterion=criterion)
     keep = KeepBest(args.name, args.best_weights)
     trainer_kwargs = dict(accelerator=args.accelerator, devices=1, gradient_clip_val=1.0, logger=False,
                           enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
                           enable_progress_bar=False)
 
     # Curriculum: presence (is the prompt in the image?) is learnt last. Without negatives the per-query scores
-    # first learn to ground words in pixels; then negatives teach presence on top of grounded features.
+    # first learn to ground words in pixels; then negatives teach presence on top of grounded features. The warm
+    # stage does not train presence at all: with every prompt present, its logit runs into SAM 3's clamp (+-10),
+    # where the gradient is zero, and presence then stays at chance once negatives arrive.
     warm_epochs, main_epochs = args.warm_epochs, args.epochs - args.warm_epochs
     if args.budget is not None:
         datamodule = instantiate(cfg.data, processor=processor, negative_ratio=1.0)
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         steps_per_epoch = len(datamodule.train_dataloader())
         epoch_s = timer.seconds_per_step * steps_per_epoch * 1.1  # + validation
         left = args.budget - (time.perf_counter() - started)
-        warm_epochs = max(1, int(left * args.warm_fraction / epoch_s))
+        warm_epochs = max(1, int(left * args.warm_fraction / epoch_s)) if args.warm_fraction > 0 else 0
         main_epochs = max(1, int(left * (1 - args.warm_fraction) / epoch_s))
         print(f"[{args.name}] calibration: {timer.seconds_per_step * 1000:.0f} ms/step, {steps_per_epoch} steps/epoch,"
               f" {left:.0f} s left -> {warm_epochs} warm + {main_epochs} main epochs", flush=True)
@@ -206,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         if epochs <= 0:
             continue
         keep.stage = stage
+        criterion.weight_dict["loss_presence"] = presence_weight if negative_ratio > 0 else 0.0
         datamodule = instantiate(cfg.data, processor=processor, negative_ratio=negative_ratio)
         limit = None
         if args.budget is not None:  # a hard stop in case the calibration was optimistic
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.fit(module, datamodule=datamodule)
     record = {"preset": "tiny-pretrained", "categories": list(PRETRAIN_CATEGORIES), "warm_epochs": warm_epochs,
               "main_epochs": main_epochs, "best_epoch": keep.epoch, "val_cgF1": keep.best[0], "val_iou": keep.best[1],
-              "train_images": args.train, "batch_size": args.batch_size, "lr": args.lr, "overrides": args.overrides,
+              "train_images": args.train, "init": str(args.init) if args.init else None,
+              "batch_size": args.batch_size, "lr": args.lr, "overrides": args.overrides,
               "seconds": round(time.perf_counter() - started)}
     if args.history is not None:
         args.history.write_text(json.dumps({"record": record, "history": keep.history}, indent=2))
