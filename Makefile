@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install sam3lora (editable) with the dev tools
 
 train: $(STAMP) ## Train the embedded default: tiny SAM 3 on a fresh synthetic set, on CPU (ARGS="..." adds overrides)
-	$(BIN)/sam3lora-train $(ARGS)
+	$(BIN)/sam3lora-train experiment=demo $(ARGS)
 
 demo: $(STAMP) ## Serve the Gradio demo on http://127.0.0.1:7860: base vs the newest run's adapter (ARGS="--port 8080 ...")
 	$(BIN)/sam3lora-demo $(ARGS)

@@ -14,7 +14,7 @@ from PIL import Image
 from sam3lora.adapter import save_adapter
 from sam3lora.cli import demo as demo_cli
 from sam3lora.demo.examples import synthetic_examples
-from sam3lora.demo.runs import base_of, newest_adapter
+from sam3lora.demo.runs import base_of, newest_adapter, synthetic_categories_of
 from sam3lora.demo.service import (
     ROW_HEADERS,
     DemoError,
@@ -184,6 +184,22 @@ def test_cli_plan_finds_the_newest_run_and_its_base(tmp_path, adapter_dir):
     assert plan.base == "tiny" and list(plan.adapters) == ["tuned", "other"]
     with pytest.raises(ValueError, match="reserved for the base model"):
         demo_cli.plan_models(parse(["--adapter", f"base={adapter_dir}"]))
+
+
+def test_examples_follow_the_categories_the_run_trained_on(tmp_path):
+    """A synthetic run's examples show (and prompt) its own categories, not the generator's defaults."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "data:\n  synthetic:\n    categories: [purple pentagon, black ellipse]\n")
+    categories = synthetic_categories_of(run / "adapter")
+    assert categories == ["purple pentagon", "black ellipse"]
+    examples = synthetic_examples(tmp_path / "ex", count=2, categories=categories)
+    prompts = {name.strip() for e in examples for name in e.prompt.split(",")}
+    assert prompts and prompts <= set(categories), prompts
+    (run / ".hydra" / "config.yaml").write_text("data:\n  synthetic: null\n")
+    assert synthetic_categories_of(run / "adapter") is None
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

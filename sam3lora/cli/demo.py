@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the models, build the page and serve it until interrupted."""
     from sam3lora.demo.app import build_app, launch
     from sam3lora.demo.examples import folder_examples, synthetic_examples
+    from sam3lora.demo.runs import synthetic_categories_of
     from sam3lora.demo.service import DemoService, UploadLimits
     from sam3lora.inference import PredictorError, Sam3LoRAPredictor
 
@@ -139,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
         raise PredictorError("--threshold must be in [0, 1] and --mask-threshold in (0, 1)")
     for note in plan.notes:
         print(f"sam3lora-demo: {note}", flush=True)
-    examples = folder_examples(args.examples) if args.examples else synthetic_examples()
+    if args.examples:
+        examples = folder_examples(args.examples)
+    else:  # shapes of the categories the (first) adapter's run was trained on, if it was a synthetic run
+        trained_on = next(filter(None, map(synthetic_categories_of, plan.adapters.values())), None)
+        examples = synthetic_examples(categories=trained_on)
     print(f"sam3lora-demo: loading {plan.base} with {len(plan.adapters)} adapter(s) on {args.device} ...", flush=True)
     predictor = Sam3LoRAPredictor.from_pretrained(
         plan.base, plan.adapters or None, device=args.device, dtype=args.dtype, merge=False, seed=plan.seed

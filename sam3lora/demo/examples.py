@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,21 @@ def folder_examples(folder: str | Path, limit: int = 12) -> list[Example]:
     return [Example(p) for p in find_images([str(folder)])[:limit]]
 
 
-def synthetic_examples(root: str | Path | None = None, count: int = 3, size: int = 224) -> list[Example]:
-    """``count`` synthetic shape images (written once under ``$SAM3LORA_HOME/demo-examples``), each prompted
-    with the categories it shows (at most two, e.g. ``"red circle, blue square"``)."""
-    root = Path(root) if root is not None else sam3lora_home() / "demo-examples"
+def synthetic_examples(
+    root: str | Path | None = None, count: int = 3, size: int = 224, categories: list[str] | None = None
+) -> list[Example]:
+    """``count`` synthetic shape images of ``categories`` (default: the generator's; written once under
+    ``$SAM3LORA_HOME/demo-examples[-<hash of the categories>]``), each prompted with the categories it shows (at
+    most two, e.g. ``"red circle, blue square"``)."""
+    if root is None:
+        tag = "-" + hashlib.sha1("|".join(categories).encode()).hexdigest()[:8] if categories else ""
+        root = sam3lora_home() / f"demo-examples{tag}"
+    root = Path(root)
     split = root / "val"
     if not (split / "annotations.json").is_file():
         with contextlib.suppress(FileExistsError):  # another process wrote it first
-            write_synthetic(root, train=0, val=count, size=size, seed=SYNTHETIC_SEED, overwrite=True)
+            write_synthetic(root, train=0, val=count, size=size, seed=SYNTHETIC_SEED, overwrite=True,
+                            categories=categories)
     data = json.loads((split / "annotations.json").read_text())
     names = {c["id"]: c["name"] for c in data["categories"]}
     examples = []

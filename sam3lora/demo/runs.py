@@ -44,7 +44,8 @@ def preset_of(name_or_path: str, seed: int = 0, source: str = "") -> BaseInfo:
     return BaseInfo(name_or_path, seed, source)
 
 
-def _run_config(run: Path) -> dict[str, Any] | None:
+def _run_config(run: Path, group: str = "model") -> dict[str, Any] | None:
+    """The ``group`` section of ``<run>/.hydra/config.yaml`` (as saved: interpolations unresolved), or None."""
     cfg = run / ".hydra" / "config.yaml"
     if not cfg.is_file():
         return None
@@ -52,8 +53,22 @@ def _run_config(run: Path) -> dict[str, Any] | None:
         data = yaml.safe_load(cfg.read_text())
     except (OSError, yaml.YAMLError):
         return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, dict) else None
+    section = data.get(group) if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def _run_of(adapter: str | Path) -> Path:
+    path = Path(adapter)
+    return path.parent if path.is_dir() else path.parent.parent
+
+
+def synthetic_categories_of(adapter: str | Path) -> list[str] | None:
+    """The synthetic categories the run of ``adapter`` generated its data with (``data.synthetic.categories``),
+    or None (not a synthetic run, or the generator's defaults)."""
+    data = _run_config(_run_of(adapter), "data") or {}
+    synthetic = data.get("synthetic")
+    names = synthetic.get("categories") if isinstance(synthetic, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
 def _recorded_base(adapter: Path) -> str | None:
@@ -78,7 +93,7 @@ def base_of(adapter: str | Path) -> BaseInfo | None:
     the adapter's own record (``sam3lora.json`` sidecar or the checkpoint's ``sam3lora.base``).
     """
     path = Path(adapter)
-    run = path.parent if path.is_dir() else path.parent.parent
+    run = _run_of(path)
     model = _run_config(run)
     if model and isinstance(model.get("name_or_path"), str) and "${" not in model["name_or_path"]:
         seed = model.get("seed", 0)
