@@ -8,6 +8,7 @@ slower than one (OpenMP threads wait for a busy core).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import warnings
@@ -311,3 +312,19 @@ def test_unknown_component_in_component_lr_is_an_error(synthetic_root: Path) -> 
     assert isinstance(info.value.__cause__, ValueError)
     assert "module.component_lr" in str(info.value.__cause__) and "detr_decodr" in str(info.value.__cause__)
     assert "detr_decoder" in str(info.value.__cause__)  # the known components are listed
+
+
+def test_an_empty_validation_batch_logs_val_loss_with_weight_zero(synthetic_root: Path, batches: dict) -> None:
+    """A batch of skipped bad samples (no rows) runs no model, but logs val/loss with batch size 0, so DDP ranks
+    always reduce the same keys and the epoch's mean is that of the other batches."""
+    module = build_module(compose_cfg(synthetic_root, "lora=minimal"))
+    val = batches["val"]
+    empty = dataclasses.replace(val, pixel_values=val.pixel_values[:0], image_index=val.image_index[:0],
+                                input_ids=val.input_ids[:0], attention_mask=val.attention_mask[:0],
+                                input_boxes=val.input_boxes[:0], input_boxes_labels=val.input_boxes_labels[:0],
+                                targets=[], prompts=[], category_ids=val.category_ids[:0], image_ids=val.image_ids[:0],
+                                orig_sizes=val.orig_sizes[:0])
+    logged: list[tuple[str, float, int]] = []
+    module.log = lambda name, value, batch_size=None, **kw: logged.append((name, float(value), batch_size))
+    assert module.validation_step(empty, 0) is None
+    assert logged == [("val/loss", 0.0, 0)]

@@ -287,6 +287,9 @@ class Sam3LoRAModule(L.LightningModule):
     def validation_step(self, batch: Sam3Batch, batch_idx: int) -> dict[str, Any] | None:
         """Loss and metric updates; returns the first batch's outputs (for the prediction plots)."""
         if batch.num_rows == 0:  # every image of the batch was a bad sample (on_bad_sample: skip)
+            # Log with weight 0 all the same: under DDP every rank must log the same keys, since val/loss is
+            # reduced across ranks at the end of the epoch (a rank whose batches were all empty would hang it).
+            self.log("val/loss", torch.zeros((), device=self.device), batch_size=0, sync_dist=True)
             return None
         outputs = self(batch)
         indices = self.criterion.match(outputs, batch.targets)
