@@ -173,13 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("sam3lora-demo: error: Gradio is not installed: pip install 'sam3lora[demo]'", file=sys.stderr)
         return 2
-    from sam3lora.inference.errors import one_line, user_errors
+    from sam3lora.inference.errors import exit_status
 
     try:
-        return run(args)
-    except user_errors() as err:
-        print(f"sam3lora-demo: error: {one_line(err)}", file=sys.stderr)
-        return 2
+        return exit_status("sam3lora-demo", run, args)
     except KeyboardInterrupt:
         return 0
 

@@ -20,16 +20,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from sam3lora.inference.errors import one_line, user_errors  # heavy imports after Hydra parsed the command line
+    from sam3lora.inference.errors import exit_status  # heavy imports after Hydra parsed the command line
+    from sam3lora.inference.eval_app import run
 
-    errors = user_errors()
-    try:
-        from sam3lora.inference.eval_app import run
-
-        run(cfg)
-    except errors as err:
-        print(f"sam3lora-eval: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+    status = exit_status("sam3lora-eval", run, cfg)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

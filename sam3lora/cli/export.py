@@ -85,13 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam3lora-export``; returns the exit status (2 on bad input)."""
     args = build_parser().parse_args(argv)
-    from sam3lora.inference.errors import one_line, user_errors
+    from sam3lora.inference.errors import exit_status
 
-    try:
-        return run(args)
-    except user_errors() as err:
-        print(f"sam3lora-export: error: {one_line(err)}", file=sys.stderr)
-        return 2
+    return exit_status("sam3lora-export", run, args)
 
 
 if __name__ == "__main__":

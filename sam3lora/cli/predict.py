@@ -187,13 +187,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam3lora-predict``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from sam3lora.inference.errors import one_line, user_errors
+    from sam3lora.inference.errors import exit_status
 
-    try:
-        return run(args)
-    except user_errors() as err:
-        print(f"sam3lora-predict: error: {one_line(err)}", file=sys.stderr)
-        return 2
+    return exit_status("sam3lora-predict", run, args)
 
 
 if __name__ == "__main__":

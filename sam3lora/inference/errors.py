@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class PredictorError(ValueError):
     """Base class: bad input to the predictor or one of the inference CLIs (one-line message)."""
@@ -37,3 +41,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line."""
     return " ".join(str(err).split())
+
+
+def exit_status(prog: str, run: Callable[..., Any], *args: Any) -> int:
+    """The exit status of ``run(*args)``: its result if that is an int, else 0; a user error
+    (:func:`user_errors`) is printed on one line as ``<prog>: error: ...`` on stderr and gives 2."""
+    try:
+        status = run(*args)
+    except user_errors() as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0
