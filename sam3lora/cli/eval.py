@@ -10,12 +10,13 @@ Bad input (a missing adapter, one made for another base, a broken dataset) print
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
+# conf/ of the repository, shipped in the wheel as the package sam3lora.conf (editable installs map it onto conf/);
+# add your own config directory with --config-dir DIR or hydra.searchpath=[file://DIR]
+CONF_DIR = "pkg://sam3lora.conf"
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
