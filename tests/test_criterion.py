@@ -20,6 +20,11 @@ BASE_KEYS = ["loss_bbox", "loss_giou", "loss_ce", "loss_presence"]
 MASK_KEYS = ["loss_mask", "loss_dice", "loss_semantic_focal", "loss_semantic_dice"]
 
 
+# hand computations below use the plain per-slot ce mean and an unscaled total (official: ce_pad_queries 200,
+# sqrt(R) scaling; both are tested on their own, and against the official code in test_oracle_loss.py)
+PLAIN = {"ce_pad_queries": None, "scale_by_sqrt_batch": False}
+
+
 def make_criterion(**overrides: Any) -> Sam3Criterion:
     cfg = OmegaConf.load(YAML)
     for key, value in overrides.items():
@@ -112,7 +117,7 @@ def test_every_yaml_key_is_a_constructor_argument() -> None:
 
 def test_terms_match_direct_computation() -> None:
     outputs, targets, indices = hand_case()
-    crit = make_criterion(aux_loss=False)
+    crit = make_criterion(aux_loss=False, **PLAIN)
     out = crit(outputs, targets, indices=indices)
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     tgt = targets[0]["boxes"].tolist()
@@ -227,7 +232,7 @@ def test_negative_row_logits_do_not_change_ce() -> None:
 
 def test_box_only_targets_skip_masks() -> None:
     outputs, targets, indices = hand_case()
-    crit = make_criterion(aux_loss=False)
+    crit = make_criterion(aux_loss=False, mask_normalization="masks", semantic_box_only="skip_row")
     targets[0]["has_mask"] = torch.tensor([True, False])
     out = crit(outputs, targets, indices=indices)
     garbage = [dict(t) for t in targets]
@@ -248,6 +253,30 @@ def test_box_only_targets_skip_masks() -> None:
     assert out["loss_semantic_focal"].item() == 0.0 and out["loss_semantic_dice"].item() == 0.0
 
 
+def test_box_only_targets_official_normalisation() -> None:
+    """Official: mask terms / number of boxes; the row keeps its semantic terms, the box-only area as background."""
+    outputs, targets, indices = hand_case()
+    targets[0]["has_mask"] = torch.tensor([True, False])
+    official = make_criterion(aux_loss=False)(outputs, targets, indices=indices)
+    by_masks = make_criterion(aux_loss=False, mask_normalization="masks")(outputs, targets, indices=indices)
+    assert official["loss_mask"].item() == pytest.approx(by_masks["loss_mask"].item() / 2, rel=1e-6)
+    assert official["loss_dice"].item() == pytest.approx(by_masks["loss_dice"].item() / 2, rel=1e-6)
+    up = F.interpolate(outputs["semantic_seg"][0:1], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    union = targets[0]["masks"][0].float()  # only the masked instance: the box-only one's area is background
+    expected = focal_direct(up, union, 0.6, 2.0).mean() / (1 + 1e-6)
+    assert official["loss_semantic_focal"].item() == pytest.approx(20 * expected.item(), rel=1e-5)
+    assert official["loss_semantic_dice"].item() > 0
+
+
+def test_ce_pad_queries_sums_over_padded_slots() -> None:
+    outputs, targets, indices = hand_case()  # Q = 3
+    mean = make_criterion(aux_loss=False, ce_pad_queries=None)(outputs, targets, indices=indices)["loss_ce"]
+    padded = make_criterion(aux_loss=False, ce_pad_queries=200)(outputs, targets, indices=indices)["loss_ce"]
+    assert padded.item() == pytest.approx(mean.item() * 3 / 200, rel=1e-6)
+    small = make_criterion(aux_loss=False, ce_pad_queries=2)(outputs, targets, indices=indices)["loss_ce"]
+    assert torch.equal(small, mean)  # Q >= ce_pad_queries: the plain mean
+
+
 def test_weight_zero_and_missing_semantic_skip_terms() -> None:
     outputs, targets, indices = hand_case()
     del outputs["semantic_seg"]
@@ -259,8 +288,8 @@ def test_aux_terms_follow_switch() -> None:
     outputs, targets, _ = hand_case()
     aux = {k: outputs[k].clone() for k in ["pred_logits", "pred_boxes", "presence_logits"]}
     outputs["aux_outputs"] = [aux, {k: v + 0.1 for k, v in aux.items()}]
-    with_aux = make_criterion(aux_loss=True)(outputs, targets)
-    without = make_criterion(aux_loss=False)(outputs, targets)
+    with_aux = make_criterion(aux_loss=True, **PLAIN)(outputs, targets)
+    without = make_criterion(aux_loss=False, **PLAIN)(outputs, targets)
     for i in range(2):
         for k in BASE_KEYS:
             assert f"{k}_aux{i}" in with_aux
@@ -274,8 +303,8 @@ def test_aux_terms_follow_switch() -> None:
 def test_extra_term_plugs_in_through_config() -> None:
     outputs, targets, indices = hand_case()
     spec = {"weight": 3.0, "fn": {"_target_": f"{__name__}.extra_term", "_partial_": True, "scale": 2.0}}
-    crit = make_criterion(aux_loss=False, extra_terms={"loss_area": spec})
-    base = make_criterion(aux_loss=False)(outputs, targets, indices=indices)
+    crit = make_criterion(aux_loss=False, extra_terms={"loss_area": spec}, **PLAIN)
+    base = make_criterion(aux_loss=False, **PLAIN)(outputs, targets, indices=indices)
     out = crit(outputs, targets, indices=indices)
     expected = 3.0 * extra_term(outputs, targets, indices, scale=2.0).item()
     assert out["loss_area"].item() == pytest.approx(expected, rel=1e-6)
@@ -294,6 +323,7 @@ def _kwargs(**overrides: Any) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(YAML))
     cfg.pop("_target_")
     cfg.pop("matcher")
+    cfg["o2m"] = instantiate(cfg["o2m"])
     cfg.update(overrides)
     return cfg
 
@@ -371,6 +401,16 @@ def test_num_instances_under_single_process_group(tmp_path: Path) -> None:
 
 def test_invalid_options_rejected() -> None:
     matcher = make_criterion().matcher
+    with pytest.raises(ValueError, match="loss.weight_giou must be >= 0"):
+        Sam3Criterion(matcher, **_kwargs(weight_giou=-1.0))
+    with pytest.raises(ValueError, match="loss.mask_normalization"):
+        Sam3Criterion(matcher, **_kwargs(mask_normalization="pixels"))
+    with pytest.raises(ValueError, match="loss.semantic_box_only"):
+        Sam3Criterion(matcher, **_kwargs(semantic_box_only="drop"))
+    with pytest.raises(Exception, match="loss.o2m.weight"):  # Hydra wraps it; the app names the key once more
+        make_criterion(**{"o2m.weight": -2.0})
+    with pytest.raises(Exception, match="loss.o2m.matcher.topk"):
+        make_criterion(**{"o2m.matcher.topk": 0})
     with pytest.raises(ValueError, match="mask_loss"):
         Sam3Criterion(matcher, **_kwargs(mask_loss="sampled"))
     with pytest.raises(ValueError, match="weight"):

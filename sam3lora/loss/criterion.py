@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,12 +28,34 @@ from hydra.utils import get_method, instantiate
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from sam3lora.loss.matcher import HungarianMatcher, MatchIndices
+from sam3lora.loss.matcher import HungarianMatcher, MatchIndices, OneToManyMatcher
 
 ExtraTerm = Callable[[dict[str, Any], list[dict[str, Tensor]], MatchIndices], Tensor]
 """A user loss term: ``(outputs, targets, indices) -> scalar Tensor`` (final layer, final-layer indices)."""
 
 MASK_LOSS_MODES = ("full", "points")
+MASK_NORMALIZATIONS = ("boxes", "masks")
+SEMANTIC_BOX_ONLY = ("background", "skip_row")
+O2M_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "loss_mask", "loss_dice")
+"""Terms the one-to-many (DAC) queries are supervised with (no presence: the copy has no presence token)."""
+
+
+@dataclass
+class OneToManySettings:
+    """One-to-many (DAC) supervision of the decoder's second query set (official ``o2m_*`` settings).
+
+    Attributes:
+        enabled: run the DAC queries during training and add their terms (the model side reads this switch).
+        weight: multiplies every o2m term (official ``o2m_weight``).
+        matcher: the one-to-many matcher used on the final layer's o2m outputs.
+        matcher_on_aux: match the aux layers' o2m outputs one-to-many too; False (official fine-tuning configs,
+            ``use_o2m_matcher_on_o2m_aux: false``) matches them with the one-to-one Hungarian matcher.
+    """
+
+    enabled: bool
+    weight: float
+    matcher: OneToManyMatcher
+    matcher_on_aux: bool
 
 
 def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
@@ -124,12 +147,17 @@ class Sam3Criterion(nn.Module):
     Terms (logged keys, weighted): ``loss_bbox``, ``loss_giou``, ``loss_ce``, ``loss_presence`` on the final
     layer and, with ``aux_loss``, on every ``aux_outputs[i]`` (suffix ``_aux{i}``, own matching);
     ``loss_mask``, ``loss_dice``, ``loss_semantic_focal``, ``loss_semantic_dice`` and the extra terms on the
-    final layer only. A term whose weight is 0 is neither computed nor logged.
+    final layer only. With one-to-many supervision and an ``o2m`` entry in the outputs (training only), the DAC
+    queries add ``loss_bbox``, ``loss_giou``, ``loss_ce``, ``loss_mask``, ``loss_dice`` (final layer, suffix
+    ``_o2m``) and the box/ce terms of every aux layer (``_aux{i}_o2m``), each times ``o2m.weight``. A term whose
+    weight is 0 is neither computed nor logged.
 
-    Normalisation (as the official code): box terms by the number of GT boxes, mask terms by the number of GT
-    masks (equal to the box count unless there are box-only targets), both averaged over processes under DDP
-    and clamped to >= 1; ``loss_ce`` is the mean over all R x Q query slots; ``loss_presence`` the mean over
-    rows; semantic terms the mean over eligible rows.
+    Normalisation (official by default): box terms by the number of GT boxes; mask terms by the number of GT
+    boxes too (``mask_normalization: boxes``; ``masks`` divides by the masked instances only); both averaged over
+    processes under DDP and clamped to >= 1; ``loss_ce`` the mean over all R x Q query slots (or the sum over
+    ``ce_pad_queries * R`` slots when Q is smaller, as the official ``pad_n_queries``); ``loss_presence`` the
+    mean over rows; semantic terms the mean over rows whose mask union is non-empty; the total times sqrt(R)
+    with ``scale_by_sqrt_batch``.
     """
 
     def __init__(
@@ -147,26 +175,37 @@ class Sam3Criterion(nn.Module):
         ce_pos_weight: float,
         ce_iou_alpha: float,
         ce_neg_gamma: float,
+        ce_pad_queries: int | None,
         presence_scale: float,
         mask_focal_alpha: float,
         mask_focal_gamma: float,
+        mask_normalization: str,
         semantic_focal_alpha: float,
         semantic_focal_gamma: float,
+        semantic_box_only: str,
         mask_loss: str,
         num_points: int,
         oversample_ratio: float,
         importance_sample_ratio: float,
         aux_loss: bool,
         scale_by_sqrt_batch: bool,
+        o2m: OneToManySettings | None = None,
         extra_terms: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if mask_loss not in MASK_LOSS_MODES:
-            raise ValueError(f"mask_loss must be one of {MASK_LOSS_MODES}, got {mask_loss!r}")
+            raise ValueError(f"loss.mask_loss must be one of {MASK_LOSS_MODES}, got {mask_loss!r}")
         if mask_loss == "points" and num_points <= 0:
-            raise ValueError("mask_loss='points' needs num_points > 0")
+            raise ValueError("loss.num_points must be > 0 with loss.mask_loss=points")
         if not 0.0 <= importance_sample_ratio <= 1.0:
-            raise ValueError("importance_sample_ratio must be in [0, 1]")
+            raise ValueError("loss.importance_sample_ratio must be in [0, 1]")
+        if mask_normalization not in MASK_NORMALIZATIONS:
+            raise ValueError(f"loss.mask_normalization must be one of {MASK_NORMALIZATIONS}, got "
+                             f"{mask_normalization!r}")
+        if semantic_box_only not in SEMANTIC_BOX_ONLY:
+            raise ValueError(f"loss.semantic_box_only must be one of {SEMANTIC_BOX_ONLY}, got {semantic_box_only!r}")
+        if ce_pad_queries is not None and int(ce_pad_queries) < 1:
+            raise ValueError(f"loss.ce_pad_queries must be null or >= 1, got {ce_pad_queries}")
         self.matcher = matcher
         self.weight_dict: dict[str, float] = {
             "loss_bbox": float(weight_bbox),
@@ -178,20 +217,29 @@ class Sam3Criterion(nn.Module):
             "loss_semantic_focal": float(weight_semantic_focal),
             "loss_semantic_dice": float(weight_semantic_dice),
         }
+        for key, weight in self.weight_dict.items():
+            if not weight >= 0:  # also refuses NaN
+                raise ValueError(f"loss.weight_{key.removeprefix('loss_')} must be >= 0, got {weight}")
         self.ce_pos_weight = ce_pos_weight
         self.ce_iou_alpha = ce_iou_alpha
         self.ce_neg_gamma = ce_neg_gamma
+        self.ce_pad_queries = None if ce_pad_queries is None else int(ce_pad_queries)
         self.presence_scale = presence_scale
         self.mask_focal_alpha = mask_focal_alpha
         self.mask_focal_gamma = mask_focal_gamma
+        self.mask_normalization = mask_normalization
         self.semantic_focal_alpha = semantic_focal_alpha
         self.semantic_focal_gamma = semantic_focal_gamma
+        self.semantic_box_only = semantic_box_only
         self.mask_loss = mask_loss
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.aux_loss = aux_loss
         self.scale_by_sqrt_batch = scale_by_sqrt_batch
+        if o2m is not None and o2m.enabled and not o2m.weight > 0:
+            raise ValueError(f"loss.o2m.weight must be > 0 when loss.o2m.enabled, got {o2m.weight}")
+        self.o2m = o2m if o2m is not None and o2m.enabled else None
         self.extra_terms: dict[str, ExtraTerm] = {}
         # Extra terms that are modules are registered so that .to(device) and state_dict see them.
         self.extra_modules = nn.ModuleDict()
@@ -203,6 +251,11 @@ class Sam3Criterion(nn.Module):
             self.weight_dict[name] = weight
             if isinstance(fn, nn.Module):
                 self.extra_modules[name] = fn
+
+    @property
+    def wants_o2m(self) -> bool:
+        """True when the model should run its one-to-many (DAC) queries in training steps."""
+        return self.o2m is not None
 
     # ------------------------------------------------------------------ matching and normalisation
     def match(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> MatchIndices:
@@ -282,7 +335,7 @@ class Sam3Criterion(nn.Module):
     def loss_ce(
         self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]], indices: MatchIndices
     ) -> Tensor:
-        """IoU-aware BCE on ``pred_logits (R,Q)``, mean over all R x Q slots.
+        """IoU-aware BCE on ``pred_logits (R,Q)``, mean over all R x Q slots (``ce_pad_queries``: see class doc).
 
         Matched query: ``pos_weight * BCE(s, t)`` with ``t = clamp(p^a * IoU^(1-a), min=0.01)`` detached
         (``a = ce_iou_alpha``, IoU of the matched boxes). Unmatched: ``BCE(s, 0) * p^ce_neg_gamma``.
@@ -305,7 +358,11 @@ class Sam3Criterion(nn.Module):
         neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
         loss = pos * is_pos + neg * (1 - is_pos) * prob**self.ce_neg_gamma
         keep = torch.tensor([len(t["boxes"]) > 0 for t in targets], device=logits.device, dtype=logits.dtype)
-        return (loss * keep[:, None]).mean()
+        loss = loss * keep[:, None]
+        num_rows, num_queries = logits.shape
+        if self.ce_pad_queries is not None and num_queries < self.ce_pad_queries:
+            return loss.sum() / (self.ce_pad_queries * num_rows)
+        return loss.mean()
 
     def loss_presence(self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]) -> Tensor:
         """``presence_scale * BCE(presence_logits, row has >= 1 instance)``, mean over all rows."""
@@ -341,7 +398,8 @@ class Sam3Criterion(nn.Module):
     ) -> dict[str, Tensor]:
         """``loss_mask`` (focal, mean over pixels) and ``loss_dice`` of matched queries with a GT mask.
 
-        Each summed over instances / num_masks. Box-only targets (``has_mask`` False) are left out.
+        Each summed over instances / ``num_masks`` (the caller passes the box count under the official
+        ``mask_normalization: boxes``). Box-only targets (``has_mask`` False) are left out.
         """
         pred_masks = outputs["pred_masks"]
         src, tgt = [], []
@@ -363,26 +421,30 @@ class Sam3Criterion(nn.Module):
     def loss_semantic(
         self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        """``loss_semantic_focal`` and ``loss_semantic_dice``: ``semantic_seg (R,1,h,w)`` vs the mask union.
+        """``loss_semantic_focal`` and ``loss_semantic_dice``: ``semantic_seg (R,1,h,w)`` vs the union of the
+        row's instance masks, mean over the rows whose union is non-empty.
 
-        Eligible rows: positive prompts whose instances all carry masks (a box-only instance would leave a
-        hole in the union that would be trained as background). Mean over eligible rows.
+        ``semantic_box_only: background`` (official): a box-only instance adds nothing to the union, so its area
+        is trained as background; the mean is ``sum / (rows + 1e-6)`` as the official code. ``skip_row``: rows
+        with any box-only instance are left out (no hole trained as background).
         """
         sem = outputs["semantic_seg"]
         rows, unions = [], []
         for r, (t, has) in enumerate(zip(targets, self.has_mask_cpu(targets), strict=True)):
-            if len(has) > 0 and bool(has.all()):
+            if len(has) == 0 or (self.semantic_box_only == "skip_row" and not bool(has.all())):
+                continue
+            union = t["masks"][has.to(t["masks"].device)].bool().any(0) if bool(has.any()) else None
+            if union is not None and bool(union.any()):
                 rows.append(r)
-                unions.append(t["masks"].bool().any(0))
+                unions.append(union)
         if not rows:
             return {"loss_semantic_focal": _zero(sem), "loss_semantic_dice": _zero(sem)}
         pred = sem[torch.as_tensor(rows, device=sem.device), 0]
         logits, target = self._dense_pair(pred, torch.stack(unions).to(sem.device))
         focal = focal_loss_per_item(logits, target, self.semantic_focal_alpha, self.semantic_focal_gamma)
-        return {
-            "loss_semantic_focal": focal.mean(),
-            "loss_semantic_dice": dice_loss_per_item(logits, target).mean(),
-        }
+        dice = dice_loss_per_item(logits, target)
+        count = len(rows) + (1e-6 if self.semantic_box_only == "background" else 0.0)
+        return {"loss_semantic_focal": focal.sum() / count, "loss_semantic_dice": dice.sum() / count}
 
     # ------------------------------------------------------------------ aggregation
     def _wants(self, *keys: str) -> bool:
@@ -394,16 +456,44 @@ class Sam3Criterion(nn.Module):
         targets: list[dict[str, Tensor]],
         indices: MatchIndices,
         num_boxes: Tensor,
+        presence: bool = True,
     ) -> dict[str, Tensor]:
-        """Unweighted box, ce and presence terms of one decoder layer."""
+        """Unweighted box, ce and (with ``presence``) presence terms of one decoder layer."""
         terms: dict[str, Tensor] = {}
         if self._wants("loss_bbox", "loss_giou"):
             terms.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         if self._wants("loss_ce"):
             terms["loss_ce"] = self.loss_ce(outputs, targets, indices)
-        if self._wants("loss_presence") and outputs.get("presence_logits") is not None:
+        if presence and self._wants("loss_presence") and outputs.get("presence_logits") is not None:
             terms["loss_presence"] = self.loss_presence(outputs, targets)
         return terms
+
+    def _o2m_terms(
+        self,
+        o2m_out: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        num_boxes: Tensor,
+        num_masks: Tensor,
+    ) -> dict[str, Tensor]:
+        """Weighted terms of the DAC queries: final layer (``_o2m``) and aux layers (``_aux{i}_o2m``).
+
+        The final layer is matched one-to-many; aux layers one-to-many or one-to-one (``o2m.matcher_on_aux``).
+        """
+        assert self.o2m is not None
+        scale = self.o2m.weight
+        indices = self.o2m.matcher(o2m_out["pred_logits"], o2m_out["pred_boxes"], targets)
+        raw = self._layer_terms(o2m_out, targets, indices, num_boxes, presence=False)
+        if self._wants("loss_mask", "loss_dice") and o2m_out.get("pred_masks") is not None:
+            raw.update(self.loss_masks(o2m_out, targets, indices, num_masks))
+        weighted = {f"{k}_o2m": v * self.weight_dict[k] * scale for k, v in raw.items() if self.weight_dict[k] != 0}
+        if self.aux_loss:
+            aux_matcher = self.o2m.matcher if self.o2m.matcher_on_aux else self.matcher
+            for i, aux in enumerate(o2m_out.get("aux_outputs") or []):
+                aux_indices = aux_matcher(aux["pred_logits"], aux["pred_boxes"], targets)
+                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes, presence=False).items():
+                    if self.weight_dict[k] != 0:
+                        weighted[f"{k}_aux{i}_o2m"] = v * self.weight_dict[k] * scale
+        return weighted
 
     def forward(
         self,
@@ -414,13 +504,15 @@ class Sam3Criterion(nn.Module):
         """Compute every enabled term.
 
         Args:
-            outputs: model outputs (module docstring); ``aux_outputs`` is optional.
+            outputs: model outputs (module docstring); ``aux_outputs`` is optional; ``o2m`` (a dict with
+                ``pred_logits``, ``pred_boxes``, ``pred_masks``, ``aux_outputs`` of the DAC queries) is present in
+                training steps with one-to-many supervision.
             targets: R target dicts (module docstring).
             indices: final-layer matching from ``match``; computed here when None.
         Returns:
             ``loss``: the weighted sum (times sqrt(R) with ``scale_by_sqrt_batch``), with grad; every weighted
-            term under its key (``loss_bbox``, ..., ``loss_bbox_aux0``, ..., extra term names), detached and
-            not scaled by sqrt(R).
+            term under its key (``loss_bbox``, ..., ``loss_bbox_aux0``, ..., ``loss_bbox_o2m``, ..., extra term
+            names), detached and not scaled by sqrt(R).
         """
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for {outputs['pred_logits'].shape[0]} rows")
@@ -428,6 +520,8 @@ class Sam3Criterion(nn.Module):
             indices = self.match(outputs, targets)
         device = outputs["pred_logits"].device
         num_boxes, num_masks = self.num_instances(targets, device)
+        if self.mask_normalization == "boxes":
+            num_masks = num_boxes
 
         raw = self._layer_terms(outputs, targets, indices, num_boxes)
         if self._wants("loss_mask", "loss_dice") and outputs.get("pred_masks") is not None:
@@ -448,6 +542,8 @@ class Sam3Criterion(nn.Module):
                 for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes).items():
                     if self.weight_dict[k] != 0:
                         weighted[f"{k}_aux{i}"] = v * self.weight_dict[k]
+        if self.o2m is not None and outputs.get("o2m") is not None:
+            weighted.update(self._o2m_terms(outputs["o2m"], targets, num_boxes, num_masks))
 
         total = torch.stack([v.float().reshape(()) for v in weighted.values()]).sum() if weighted else None
         if total is None:

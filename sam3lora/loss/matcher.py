@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
 MatchIndices = list[tuple[Tensor, Tensor]]
 """Per row ``(query_idx, target_idx)``: two int64 CPU tensors of equal length ``min(Q, n)``."""
@@ -99,4 +99,55 @@ class HungarianMatcher(nn.Module):
             start += sizes[r]
             q, t = linear_sum_assignment(c.numpy())
             indices[r] = (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64))
+        return indices
+
+
+class OneToManyMatcher(nn.Module):
+    """Greedy one-to-many matching for SAM 3's DAC queries (official ``BinaryOneToManyMatcher``, DAC-DETR).
+
+    Per row, the quality of query q for target t is ``alpha * sigmoid(logit_q) + (1 - alpha) * IoU(q, t)``.
+    Query q is assigned to t when its quality is above the ``1 - topk / Q`` quantile of t's column (about the
+    ``topk`` best queries; ``torch.quantile`` with linear interpolation, strict ``>``, as the official code) and
+    above ``threshold``. A target may get several queries and, as in the official code, a query may be assigned to
+    several targets. Values come from ``conf/loss/sam3.yaml`` (``o2m.matcher``).
+    """
+
+    def __init__(self, alpha: float, threshold: float, topk: int) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"loss.o2m.matcher.alpha must be in [0, 1], got {alpha}")
+        if int(topk) < 1:
+            raise ValueError(f"loss.o2m.matcher.topk must be >= 1, got {topk}")
+        self.alpha = float(alpha)
+        self.threshold = float(threshold)
+        self.topk = int(topk)
+
+    @torch.no_grad()
+    def forward(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
+    ) -> MatchIndices:
+        """Args as ``HungarianMatcher.forward``. Returns R tuples ``(query_idx, target_idx)`` (int64, CPU),
+        ordered by query then target; lengths vary (0 for negatives and for targets no query reaches)."""
+        num_rows, num_queries = pred_logits.shape
+        if len(targets) != num_rows:
+            raise ValueError(f"{len(targets)} targets for {num_rows} rows")
+        empty = torch.empty(0, dtype=torch.int64)
+        indices: MatchIndices = [(empty, empty) for _ in range(num_rows)]
+        sizes = [len(t["boxes"]) for t in targets]
+        if not any(sizes):
+            return indices
+        # pad the targets to (R, T, 4) so that every row is one batched computation; padding columns are dropped
+        boxes = torch.zeros(num_rows, max(sizes), 4, device=pred_boxes.device, dtype=torch.float32)
+        for r, t in enumerate(targets):
+            boxes[r, : sizes[r]] = t["boxes"].to(boxes)
+        iou = torch.stack([box_iou(p, b) for p, b in zip(pred_boxes.float(), boxes, strict=True)])  # (R,Q,T)
+        quality = self.alpha * pred_logits.float().sigmoid()[:, :, None] + (1 - self.alpha) * iou
+        cutoff = torch.quantile(quality, 1 - self.topk / num_queries, dim=1, keepdim=True)
+        counts = torch.tensor(sizes, device=boxes.device)
+        valid = torch.arange(boxes.shape[1], device=boxes.device)[None] < counts[:, None]  # (R,T) real targets
+        matches = (quality > cutoff) & (quality > self.threshold) & valid[:, None, :]
+        rows, queries, tgts = (x.cpu() for x in matches.nonzero(as_tuple=True))  # row-major: by row, query, target
+        for r in rows.unique().tolist():
+            sel = rows == r
+            indices[r] = (queries[sel], tgts[sel])
         return indices

@@ -34,6 +34,7 @@ from sam3lora.adapter import base_fingerprint
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.lora import component_of
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
+from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
 from sam3lora.perf import (
     CHECKPOINTABLE,
     PerfSettings,
@@ -126,6 +127,14 @@ class Sam3LoRAModule(L.LightningModule):
         # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
         base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
+        # one-to-many (DAC) supervision: the decoder's inputs and the mask decoder's pixel embeddings feed the copy
+        self.use_dac = bool(getattr(criterion, "wants_o2m", False))
+        if self.use_dac:
+            install_dac_hooks(base)
+            base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True)
+            base.get_submodule("mask_decoder.instance_projection").register_forward_hook(
+                self._capture("instance_embeds")
+            )
         self._checked_unused = False
         self.iou_dice = MatchedIoUDice(score_threshold=0.0)  # every matched query counts (see MetricSettings)
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
@@ -174,6 +183,10 @@ class Sam3LoRAModule(L.LightningModule):
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
+    def _keep_decoder_inputs(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+        if not kwargs.get(DAC_KWARG):
+            self._captured["decoder_inputs"] = kwargs
+
     def _capture(self, key: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self._captured[key] = output
@@ -185,7 +198,8 @@ class Sam3LoRAModule(L.LightningModule):
         """Model outputs in the criterion's format (``docs/contracts.md``) for the R rows of ``batch``.
 
         Returns ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` xyxy, ``presence_logits (R,1)``,
-        ``pred_masks (R,Q,h,w)``, ``semantic_seg (R,1,h,w)`` and ``aux_outputs`` (one dict per earlier layer).
+        ``pred_masks (R,Q,h,w)``, ``semantic_seg (R,1,h,w)``, ``aux_outputs`` (one dict per earlier layer) and, in
+        training with one-to-many supervision, ``o2m`` (the DAC queries' outputs, ``sam3lora.model.dac``).
         """
         with base_autocast(self._low_precision, batch.pixel_values.device):
             return self._forward(batch)
@@ -237,7 +251,7 @@ class Sam3LoRAModule(L.LightningModule):
             }
             for i in range(layer_logits.shape[0] - 1)
         ]
-        return {
+        outputs = {
             "pred_logits": out.pred_logits,
             "pred_boxes": out.pred_boxes,
             "presence_logits": out.presence_logits,
@@ -245,6 +259,11 @@ class Sam3LoRAModule(L.LightningModule):
             "semantic_seg": out.semantic_seg,
             "aux_outputs": aux,
         }
+        if self.use_dac and self.training:  # the DAC copy exists in training steps only, as in the official model
+            outputs["o2m"] = dac_outputs(
+                self.base_model, self._captured["decoder_inputs"], self._captured["instance_embeds"]
+            )
+        return outputs
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Sam3Batch, batch_idx: int) -> Tensor:
