@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from sam3lora.io import atomic_file
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.perf import check_deterministic
+from sam3lora.training.checkpoint import use_atomic_checkpoints
 from sam3lora.training.dry_run import dry_run
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def run(cfg: DictConfig) -> float | None:
     callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items() if node]
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items() if node]
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    use_atomic_checkpoints(trainer)
     share_cpu_cores(trainer, datamodule.num_workers)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -72,9 +75,11 @@ def run(cfg: DictConfig) -> float | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     best = trainer.validate(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
-    results = {"start": start, "best": best, "best_checkpoint": best_path, "output_dir": str(out_dir)}
+    results = {"start": start, "best": best, "best_checkpoint": best_path, "output_dir": str(out_dir),
+               "resumed_from": cfg.ckpt_path}
     if trainer.is_global_zero:
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        with atomic_file(out_dir / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
         print_results(start, best)
     metric = best.get(cfg.optimized_metric)
     if metric is None:

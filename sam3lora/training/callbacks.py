@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from sam3lora.adapter import save_adapter
+from sam3lora.io import atomic_file
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 class BestAdapterExport(L.Callback):
@@ -25,6 +29,10 @@ class BestAdapterExport(L.Callback):
 
     ``dirpath`` then always holds the best adapter so far, loadable with ``peft.PeftModel.from_pretrained``;
     ``dirpath/../best_adapter.json`` records the epoch, step and score it came from.
+
+    The callback's checkpoint state holds the best score, that record and the best trainable weights (the
+    adapter's own size), so a run resumed into another directory (``ckpt_path=`` under Hydra's new run
+    directory) writes the best adapter there before training on, and only a better score replaces it.
     """
 
     def __init__(self, dirpath: str, monitor: str, mode: str = "max") -> None:
@@ -34,6 +42,13 @@ class BestAdapterExport(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.best: float | None = None
+        self.record: dict[str, Any] | None = None
+        self.weights: dict[str, torch.Tensor] | None = None
+        self._restored = False
+
+    @property
+    def record_path(self) -> Path:
+        return self.dirpath.parent / "best_adapter.json"
 
     def _improved(self, value: float) -> bool:
         if self.best is None or math.isnan(self.best):
@@ -50,17 +65,55 @@ class BestAdapterExport(L.Callback):
         if not self._improved(value):
             return
         self.best = value
+        self.record = {"monitor": self.monitor, "score": value, "epoch": trainer.current_epoch,
+                       "global_step": trainer.global_step}
+        self.weights = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters() if p.requires_grad}
         if trainer.is_global_zero:
-            save_adapter(pl_module.model, self.dirpath, settings=getattr(pl_module, "lora_settings", None))
-            record = {"monitor": self.monitor, "score": value, "epoch": trainer.current_epoch,
-                      "global_step": trainer.global_step}
-            (self.dirpath.parent / "best_adapter.json").write_text(json.dumps(record, indent=2))
+            self._write(pl_module)
+
+    def _write(self, pl_module: L.LightningModule) -> None:
+        save_adapter(pl_module.model, self.dirpath, settings=getattr(pl_module, "lora_settings", None))
+        with atomic_file(self.record_path) as tmp:
+            tmp.write_text(json.dumps(self.record, indent=2))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After a resume: write the restored best adapter into ``dirpath`` unless it already holds it."""
+        if not self._restored:
+            return
+        self._restored = False
+        if not trainer.is_global_zero:
+            return
+        if self.record is None or self.weights is None:
+            if self.best is not None and not (self.dirpath / "adapter_config.json").is_file():
+                log.warning("the checkpoint resumed from holds no best adapter weights (written before they were "
+                            "kept): %s will hold the best adapter of the resumed epochs", self.dirpath)
+                self.best = None
+            return
+        written = json.loads(self.record_path.read_text()) if self.record_path.is_file() else None
+        if written == self.record and (self.dirpath / "adapter_config.json").is_file():
+            return  # resumed in the same directory
+        params = dict(pl_module.named_parameters())
+        missing = sorted(set(self.weights) - set(params))
+        if missing:
+            raise KeyError(f"the checkpoint's best adapter has weights this model lacks, e.g. {missing[:3]}")
+        current = {n: params[n].detach().clone() for n in self.weights}
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value)
+            try:
+                self._write(pl_module)
+            finally:
+                for name, value in current.items():
+                    params[name].copy_(value)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
+        return {"best": self.best, "record": self.record, "weights": self.weights}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best")
+        self.record = state_dict.get("record")
+        self.weights = state_dict.get("weights")
+        self._restored = True
 
 
 class EpochSummary(L.Callback):

@@ -1,0 +1,154 @@
+"""Reliability (issue 15): resume into a new run directory, whole-or-absent checkpoints, a missing data root,
+one-line errors, bad images.
+
+Training runs are the train app's, composed from the real config (as ``tests/test_train_app.py`` does), small:
+the tiny preset, 6 train / 4 val synthetic images, 2 training and 1 validation batch per epoch, one thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from safetensors.torch import load_file
+
+from sam3lora.training.app import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL = ["data.num_workers=0", "data.batch_size=2", "data.max_prompts_per_image=3", "trainer.max_epochs=1",
+         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "trainer.accelerator=cpu"]
+LEAN = ["compare_with_start=false", "module.metrics.ap_every_n_epochs=0", "~callbacks.plots", "~callbacks.lr_monitor",
+        "~logger"]
+
+
+@pytest.fixture(autouse=True)
+def hydra_runtime() -> Iterator[None]:
+    yield
+    HydraConfig.instance().cfg = None
+
+
+def job_cfg(root: Path, tmp_path: Path, *overrides: str, name: str = "job") -> DictConfig:
+    """One job's config as ``@hydra.main`` hands it to the app: runtime output dir ``tmp_path/name``."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.root={root}", f"paths.root_dir={tmp_path}", *overrides],
+                      return_hydra_config=True)
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def add_callbacks(cfg: DictConfig, **nodes: dict[str, Any]) -> DictConfig:
+    with open_dict(cfg):
+        for key, node in nodes.items():
+            cfg.callbacks[key] = node
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ 1. resume
+
+
+SCRIPT = {0: 0.2, 1: 0.9, 2: 0.5, 3: 0.4}  # the scripted score: best at epoch 1, then worse
+
+
+class Scripted(L.Callback):
+    """Logs ``val/scripted`` = SCRIPT[epoch] while fitting (0 in a later validate) so the best epoch is known,
+    records every validation's logged values under ``tag``, and reseeds torch's global RNG each training epoch
+    (Lightning does not checkpoint it; the DETR layers use dropout) so runs can be compared value for value."""
+
+    logged: ClassVar[dict[str, dict[int, dict[str, float]]]] = {}
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        Scripted.logged[tag] = {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(1000 + trainer.current_epoch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fitting = trainer.state.fn == "fit"
+        pl_module.log("val/scripted", SCRIPT[trainer.current_epoch] if fitting else 0.0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+            Scripted.logged[self.tag][trainer.current_epoch] = metrics
+
+
+class StopAfterEpoch(L.Callback):
+    """Stop fitting after epoch ``epoch`` (its validation and checkpoints written): an interrupted run."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_into_a_new_run_directory_restores_the_best(synthetic_root: Path, tmp_path: Path) -> None:
+    """A (stopped after epoch 1, the best) resumed as B in a new directory equals the uninterrupted C: the same
+    values logged in epochs 2-3, and B's own best.ckpt, adapter/, best_adapter.json and results.json hold
+    epoch 1's best, as C's do."""
+    common = [*SMALL, *LEAN, "trainer.max_epochs=4", "lora=minimal", "optimized_metric=val/scripted"]
+
+    def job(name: str, *extra: str, stop: bool = False) -> Path:
+        cfg = job_cfg(synthetic_root, tmp_path, *common, *extra, name=name)
+        add_callbacks(cfg, scripted={"_target_": f"{__name__}.Scripted", "tag": name})
+        if stop:
+            add_callbacks(cfg, stop={"_target_": f"{__name__}.StopAfterEpoch", "epoch": 1})
+        run(cfg)
+        return tmp_path / name
+
+    a = job("A", stop=True)
+    b = job("B", f"ckpt_path={a / 'checkpoints' / 'last.ckpt'}")
+    c = job("C")
+    logged = Scripted.logged
+    assert sorted(logged["A"]) == [0, 1] and sorted(logged["B"]) == [2, 3] and sorted(logged["C"]) == [0, 1, 2, 3]
+    for epoch in (2, 3):  # the resumed epochs log what the uninterrupted run logged
+        assert logged["B"][epoch].keys() == logged["C"][epoch].keys()
+        for key, value in logged["C"][epoch].items():
+            assert logged["B"][epoch][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (epoch, key)
+    # the best checkpoint: in B's own directory, epoch 1's, the same weights as C's
+    best_b = torch.load(b / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best_c = torch.load(c / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert best_b["epoch"] == best_c["epoch"] == 1
+    for key, value in best_c["state_dict"].items():
+        torch.testing.assert_close(best_b["state_dict"][key], value, msg=key)
+    assert (a / "checkpoints" / "best.ckpt").is_file()  # the earlier run is left as it was
+    # the best adapter: written in B's directory, equal to C's
+    assert (b / "adapter" / "adapter_config.json").is_file()
+    weights_b, weights_c = adapter_weights(b), adapter_weights(c)
+    assert weights_b.keys() == weights_c.keys() and weights_b
+    for key, value in weights_c.items():
+        torch.testing.assert_close(weights_b[key], value, msg=key)
+    record_b = json.loads((b / "best_adapter.json").read_text())
+    assert record_b == json.loads((c / "best_adapter.json").read_text())
+    assert (record_b["epoch"], record_b["score"]) == (1, pytest.approx(0.9))
+    # results.json: B's best is epoch 1's, from B's own best.ckpt
+    results_b = json.loads((b / "results.json").read_text())
+    results_c = json.loads((c / "results.json").read_text())
+    assert results_b["best_checkpoint"] == str(b / "checkpoints" / "best.ckpt")
+    assert results_b["resumed_from"] == str(a / "checkpoints" / "last.ckpt")
+    assert results_b["best"]["val/loss"] == pytest.approx(results_c["best"]["val/loss"], rel=1e-5)
+    assert results_b["best"]["val/loss"] == pytest.approx(logged["C"][1]["val/loss"], rel=1e-5)
