@@ -1,9 +1,11 @@
 """``Sam3LoRAPredictor``: SAM 3 (+ LoRA adapters) on images with text and/or exemplar-box prompts.
 
-Inputs are prepared as the training batches are (``docs/contracts.md``): the processor resizes (stretch) and
-normalises each image; one row per (image, prompt); text-only rows carry one padding box (label -10); exemplar
-boxes are normalised cxcywh with label 1. The vision encoder runs once per image and its features are expanded
-over that image's prompts (as ``Sam3LoRAModule.forward``). Scores are SAM 3's: sigmoid(logit) * sigmoid(presence).
+Inputs, forward pass and post-processing are the functions of ``sam3lora.inference.plain`` (torch + transformers
+only; the model cards copy them as the plain-transformers snippet): the processor resizes (stretch) and normalises
+each image; one row per (image, prompt); text-only rows carry one padding box (label -10), as Meta's model; exemplar
+boxes are normalised cxcywh with label 1. The vision encoder runs once per image and its features are indexed per
+row (as ``Sam3LoRAModule.forward``). Scores are SAM 3's: sigmoid(logit) * sigmoid(presence); masks are upsampled
+logits, then sigmoid > mask_threshold (Meta's post-processor).
 """
 
 from __future__ import annotations
@@ -16,21 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import Sam3Processor
-from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, image_name, to_pil
 from sam3lora.inference.loading import LoadedModel, load_for_inference
+from sam3lora.inference.plain import PAD_LABEL, TEXT_LENGTH, sam3_forward, sam3_inputs, sam3_instances, sam3_keep
 
 VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor and the training rows)
-PAD_LABEL = -10
-TEXT_LENGTH = 32
+__all__ = ["PAD_LABEL", "TEXT_LENGTH", "VISUAL_PROMPT", "Prompt", "PromptResult", "Sam3LoRAPredictor", "make_prompts"]
 _DEFAULT: Any = object()  # "the adapter this predictor uses by default"
-_MASK_CHUNK = 16  # masks upsampled per step (bounds float memory at large image sizes)
 
 
 @dataclass(frozen=True)
@@ -210,24 +209,6 @@ class Sam3LoRAPredictor:
             self.model.set_adapter(name)
             yield
 
-    # ----------------------------------------------------------------------------------------- inputs
-    def _tokens(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``input_ids``, ``attention_mask`` long (P, 32), as the training collate tokenizes."""
-        enc = self.processor.tokenizer(
-            list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt"
-        )
-        return enc["input_ids"], enc["attention_mask"]
-
-    @staticmethod
-    def _prompt_boxes(prompt: Prompt, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Exemplars (K,4) normalised cxcywh + labels (K,) (1), or one padding box (label -10) for text only."""
-        if not prompt.boxes:
-            return torch.zeros(1, 4), torch.full((1,), PAD_LABEL, dtype=torch.long)
-        height, width = size
-        xyxy = torch.tensor(prompt.boxes, dtype=torch.float32) / torch.tensor([width, height, width, height])
-        cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
-        return cxcywh, torch.ones(len(prompt.boxes), dtype=torch.long)
-
     # ----------------------------------------------------------------------------------------- forward
     @torch.no_grad()
     def forward_rows(
@@ -245,22 +226,11 @@ class Sam3LoRAPredictor:
         normalised cxcywh; input_boxes_labels (R,K).
         Returns: scores (R,Q), boxes (R,Q,4) normalised xyxy, mask logits (R,Q,h,w), all float32.
         """
-        dev = self.device
-        vision = self.model.get_vision_features(pixel_values=pixel_values.to(dev, self.dtype))
-        idx = image_index.to(dev)
-        per_row = Sam3VisionEncoderOutput(
-            fpn_hidden_states=tuple(t[idx] for t in vision.fpn_hidden_states),
-            fpn_position_encoding=tuple(t[idx] for t in vision.fpn_position_encoding),
-        )
-        out = self.model(
-            vision_embeds=per_row,
-            input_ids=input_ids.to(dev),
-            attention_mask=attention_mask.to(dev),
-            input_boxes=input_boxes.to(dev, self.dtype),
-            input_boxes_labels=input_boxes_labels.to(dev),
-        )
-        scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
-        return scores, out.pred_boxes.float(), out.pred_masks.float()
+        inputs = {
+            "pixel_values": pixel_values, "image_index": image_index, "input_ids": input_ids,
+            "attention_mask": attention_mask, "input_boxes": input_boxes, "input_boxes_labels": input_boxes_labels,
+        }
+        return sam3_forward(self.model, inputs)
 
     def outputs(
         self,
@@ -278,28 +248,16 @@ class Sam3LoRAPredictor:
             raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
         if not prompts:
             raise PromptError("no prompt: give a text prompt, an exemplar box, or both")
-        input_ids, attention_mask = self._tokens([p.text for p in prompts])
         num_prompts = len(prompts)
+        pairs = [(p.text, [list(b) for b in p.boxes]) for p in prompts]
         with self.using(adapter):
             for start in range(0, len(images), batch_size):
                 chunk = [to_pil(im, start + i) for i, im in enumerate(images[start : start + batch_size])]
                 sizes = [(im.height, im.width) for im in chunk]
-                boxes, labels = [], []
                 for i, size in enumerate(sizes):
                     for prompt in prompts:
                         check_boxes_inside(prompt, size, image_name(images[start + i], start + i))
-                        b, lab = self._prompt_boxes(prompt, size)
-                        boxes.append(b)
-                        labels.append(lab)
-                pixel_values = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-                scores, pred_boxes, masks = self.forward_rows(
-                    pixel_values,
-                    torch.arange(len(chunk)).repeat_interleave(num_prompts),
-                    input_ids.repeat(len(chunk), 1),
-                    attention_mask.repeat(len(chunk), 1),
-                    torch.stack(boxes),
-                    torch.stack(labels),
-                )
+                scores, pred_boxes, masks = sam3_forward(self.model, sam3_inputs(self.processor, chunk, pairs))
                 for i, size in enumerate(sizes):
                     rows = [
                         RowOutput(p.text, scores[r], pred_boxes[r], masks[r])
@@ -314,25 +272,10 @@ class Sam3LoRAPredictor:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Masks, boxes and scores of the queries ``keep`` (long (N,)) of ``row`` at the original ``size`` (H, W).
 
-        Returns masks bool (N,H,W) (mask logits upsampled bilinearly, then > logit(mask_threshold)), boxes float32
+        Returns masks bool (N,H,W) (mask logits upsampled bilinearly, then sigmoid > mask_threshold), boxes float32
         (N,4) xyxy pixels clamped to the image, scores float32 (N,). All on the CPU.
         """
-        height, width = size
-        keep = keep.to(row.scores.device)
-        cut = math.log(mask_threshold / (1 - mask_threshold)) if 0 < mask_threshold < 1 else None
-        masks = torch.zeros(len(keep), height, width, dtype=torch.bool)
-        for s in range(0, len(keep), _MASK_CHUNK):
-            logits = F.interpolate(
-                row.mask_logits[keep[s : s + _MASK_CHUNK]][None], size=(height, width), mode="bilinear",
-                align_corners=False,
-            )[0]
-            binary = logits > cut if cut is not None else logits.sigmoid() > mask_threshold
-            masks[s : s + _MASK_CHUNK] = binary.cpu()
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=row.boxes.device)
-        boxes = (row.boxes[keep] * scale).cpu()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        return masks, boxes, row.scores[keep].cpu()
+        return sam3_instances(row.scores, row.boxes, row.mask_logits, size, keep, mask_threshold)
 
     def predict(
         self,
@@ -365,8 +308,7 @@ class Sam3LoRAPredictor:
         for out in self.outputs(image_list, prompts, batch_size=batch_size, adapter=adapter):
             per_prompt = []
             for row in out.rows:
-                keep = torch.nonzero(row.scores >= threshold).flatten()
-                keep = keep[row.scores[keep].argsort(descending=True, stable=True)]
+                keep = sam3_keep(row.scores, threshold)
                 masks, xyxy, scores = self.instances(row, out.size, keep, mask_threshold)
                 per_prompt.append(PromptResult(row.prompt, masks, xyxy, scores))
             results.append(per_prompt)
