@@ -152,3 +152,80 @@ def test_resume_into_a_new_run_directory_restores_the_best(synthetic_root: Path,
     assert results_b["resumed_from"] == str(a / "checkpoints" / "last.ckpt")
     assert results_b["best"]["val/loss"] == pytest.approx(results_c["best"]["val/loss"], rel=1e-5)
     assert results_b["best"]["val/loss"] == pytest.approx(logged["C"][1]["val/loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ 2. whole checkpoints
+
+
+def test_checkpoint_write_that_runs_out_of_space_leaves_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC half-way through a checkpoint write: the final path keeps the previous checkpoint, whole, and no
+    temporary file is left behind."""
+    from sam3lora.training.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "best.ckpt"
+    io.save_checkpoint({"epoch": 0, "w": torch.arange(10)}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half of it reached the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        io.save_checkpoint({"epoch": 1, "w": torch.arange(1000)}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.ckpt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 0
+
+
+class FillDisk(L.Callback):
+    """At the start of epoch ``epoch`` fill the filesystem of the run directory: no checkpoint fits any more."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import os
+
+        if trainer.current_epoch != self.epoch:
+            return
+        stat = os.statvfs(trainer.default_root_dir)
+        with open(Path(trainer.default_root_dir) / "filler", "wb") as f:
+            f.write(b"\0" * (stat.f_bavail * stat.f_frsize))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (root only; skipped where mounting is not allowed), unmounted afterwards."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_full_disk_during_training_leaves_no_partial_checkpoint(
+    synthetic_root: Path, tmp_path: Path, small_filesystem: Path
+) -> None:
+    """A run whose disk (a small tmpfs) is full when its first checkpoint is due stops with ENOSPC and leaves no
+    checkpoint file at all (Lightning's own writer stages the file in the system temp directory and then copies
+    it to its final name, where the copy stops half-way: a truncated best.ckpt)."""
+    cfg = job_cfg(synthetic_root, tmp_path, *SMALL, *LEAN, "lora=minimal", "~callbacks.best_adapter",
+                  name="small/job")
+    add_callbacks(cfg, fill={"_target_": f"{__name__}.FillDisk", "epoch": 0})
+    with pytest.raises(OSError) as info:
+        run(cfg)
+    assert info.value.errno == errno.ENOSPC, info.value
+    checkpoints = small_filesystem / "job" / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir()), list(checkpoints.iterdir())
