@@ -77,14 +77,23 @@ def base_fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096)
     }
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path, settings: Any = None, overwrite: bool = True) -> Path:
-    """Save the adapter in PEFT format plus the ``sam3lora.json`` sidecar; the directory is written whole."""
+def save_adapter(
+    model: PeftModel, out_dir: str | Path, settings: Any = None, overwrite: bool = True, run: Any = None
+) -> Path:
+    """Save the adapter in PEFT format, the ``sam3lora.json`` sidecar and a model card (``README.md``, see
+    ``sam3lora.model_card``; ``run``: the run's facts, ``model_card.run_facts``); the directory is written whole.
+    No file records an absolute path: the base is named by its hub id, preset or folder name."""
+    from sam3lora.model_card import portable_fingerprint, write_adapter_card
+
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        sidecar = {"base": base_fingerprint(model)}
+        sidecar: dict[str, Any] = {"base": portable_fingerprint(base_fingerprint(model))}
         if settings is not None:
             sidecar["lora"] = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
+        if run is not None:
+            sidecar["run"] = run
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
+        write_adapter_card(tmp, model, sidecar, ref=out_dir)  # README.md; adapter_config.json's base made portable
     return Path(out_dir)
 
 

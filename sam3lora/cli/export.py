@@ -1,9 +1,10 @@
 """``sam3lora-export``: merge a LoRA adapter into its base and save a plain transformers directory.
 
 The output loads with ``transformers.Sam3Model.from_pretrained(OUT)`` and ``Sam3Processor.from_pretrained(OUT)``,
-no sam3lora or PEFT needed. ``--onnx`` adds ``model.onnx`` (+ ``onnx.json`` describing its inputs): a fixed-shape
-graph for one (image, prompt) row, traced with PyTorch's TorchScript exporter; it needs the ``onnx`` package
-(``onnxruntime`` too, to verify the graph against PyTorch). The folder appears whole when everything succeeded.
+no sam3lora or PEFT needed; its ``README.md`` is the adapter's model card, for the merged model (docs/adapters.md).
+``--onnx`` adds ``model.onnx`` (+ ``onnx.json`` describing its inputs): a fixed-shape graph for one (image, prompt)
+row, traced with PyTorch's TorchScript exporter; it needs the ``onnx`` package (``onnxruntime`` too, to verify the
+graph against PyTorch). The folder appears whole when everything succeeded.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         check_onnx_available()  # before the (long) load
     loaded = load_for_inference(args.base, args.adapter, dtype="float32", merge=False)  # merge in float32
     if not args.onnx:
-        export_merged(loaded.model, loaded.processor, out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+        export_merged(
+            loaded.model, loaded.processor, out, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+            adapter=args.adapter,
+        )
         print(f"wrote {out}: merged {args.adapter} into {args.base} ({args.dtype})")
         return 0
 
@@ -70,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from sam3lora.inference.onnx_export import export_onnx, write_onnx_info
 
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        export_merged(loaded.model, loaded.processor, tmp, dtype=DTYPES[args.dtype], overwrite=True)
+        export_merged(
+            loaded.model, loaded.processor, tmp, dtype=DTYPES[args.dtype], overwrite=True, adapter=args.adapter,
+            shared_as=out,
+        )
         merged = Sam3Model.from_pretrained(tmp, dtype="float32")  # the saved weights, whatever --dtype
         info = export_onnx(merged, loaded.processor, tmp / "model.onnx")
         write_onnx_info(tmp / "onnx.json", info)

@@ -20,6 +20,7 @@ from rich.table import Table
 from sam3lora.io import atomic_file
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
+from sam3lora.model_card import finish_run_cards
 from sam3lora.perf import check_deterministic
 from sam3lora.training.checkpoint import use_atomic_checkpoints
 from sam3lora.training.dry_run import dry_run
@@ -80,6 +81,7 @@ def run(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         with atomic_file(out_dir / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2))
+        finish_run_cards(trainer, results)  # the adapter's README.md gets the final start-vs-best table
         print_results(start, best)
     metric = best.get(cfg.optimized_metric)
     if metric is None:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from sam3lora.adapter import save_adapter
 from sam3lora.io import atomic_file
+from sam3lora.model_card import run_facts
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,7 +73,8 @@ class BestAdapterExport(L.Callback):
             self._write(pl_module)
 
     def _write(self, pl_module: L.LightningModule) -> None:
-        save_adapter(pl_module.model, self.dirpath, settings=getattr(pl_module, "lora_settings", None))
+        run = run_facts(pl_module.trainer, self.record or {}, self.mode)  # for the model card (README.md)
+        save_adapter(pl_module.model, self.dirpath, settings=getattr(pl_module, "lora_settings", None), run=run)
         with atomic_file(self.record_path) as tmp:
             tmp.write_text(json.dumps(self.record, indent=2))
 
