@@ -188,6 +188,13 @@ def _split_facts(dataset: Any, split: str) -> dict[str, Any]:
     return {"split": split, "images": len(getattr(dataset, "records", [])), "instances": instances}
 
 
+def _synthetic_facts(settings: Any) -> dict[str, Any] | None:
+    """The generator settings of a synthetic set (counts, size, seed, categories), no paths."""
+    if not isinstance(settings, Mapping):
+        return None
+    return {k: settings[k] for k in ("train", "val", "size", "seed", "categories", "hard_negatives") if k in settings}
+
+
 def data_facts(datamodule: Any, workdir: str | Path | None = None) -> dict[str, Any] | None:
     """Dataset name, path relative to ``workdir``, categories and image/instance counts per split, from a
     ``Sam3DataModule`` after ``setup`` (None for another kind of data module)."""
@@ -200,7 +207,8 @@ def data_facts(datamodule: Any, workdir: str | Path | None = None) -> dict[str, 
         "path": portable_path(root, workdir),
         "reader": None,
         "prompt_mode": getattr(getattr(datamodule, "settings", None), "mode", None),
-        "synthetic": getattr(datamodule, "synthetic", None),
+        "synthetic": _synthetic_facts(getattr(datamodule, "synthetic", None)),
+        "path_inside_workdir": Path(root).absolute().is_relative_to(Path(workdir or Path.cwd()).absolute()),
         "splits": [],
         "categories": [],
     }
@@ -552,7 +560,11 @@ def _metadata(facts: Mapping[str, Any]) -> dict[str, Any]:
 def _data_section(data: Mapping[str, Any] | None) -> list[str]:
     if not data:
         return ["Not recorded: this adapter was saved outside a sam3lora training run."]
-    out = [f"Dataset `{data['name']}` (at `{data['path']}` relative to the training run's working directory)."]
+    where = (
+        f"at `{data['path']}` relative to the training run's working directory" if data.get("path_inside_workdir")
+        else "a folder outside the training run's working directory"
+    )
+    out = [f"Dataset `{data['name']}` ({where})."]
     synthetic = data.get("synthetic")
     if synthetic:
         out[0] += (
@@ -647,7 +659,8 @@ def _evaluation_section(evaluation: Mapping[str, Any] | None, data: Mapping[str,
 def _lora_section(lora: Mapping[str, Any]) -> list[str]:
     settings = lora.get("settings") or {}
     rows = [
-        [r["component"], r["kind"], r["rank"], r["alpha"], r["targets"], r["layers"] if r["layers"] else "all",
+        [r["component"], r["kind"], r["rank"], f"{r['alpha']:g}" if r["alpha"] is not None else None, r["targets"],
+         r["layers"] if r["layers"] else "all",
          r["adapted_layers"], f"{r['parameters']:,}"]
         for r in lora["components"]
     ]
