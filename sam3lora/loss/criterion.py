@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.utils import get_method, instantiate
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from sam3lora.loss.matcher import HungarianMatcher, MatchIndices, OneToManyMatcher
 
@@ -58,17 +58,30 @@ class OneToManySettings:
     matcher_on_aux: bool
 
 
-def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
-    """IoU of corresponding boxes: (N,4) xyxy and (N,4) xyxy -> (N,).
-
-    torchvision only offers the pairwise (N, M) IoU; this is its diagonal without the N x M matrix.
-    """
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
+def _paired_areas(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(intersection, union, enclosing-box area) of corresponding xyxy boxes: (N,4), (N,4) -> three (N,)."""
+    inter = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0).prod(-1)
     area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
     area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
-    return inter / (area1 + area2 - inter + eps)
+    hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0).prod(-1)
+    return inter, area1 + area2 - inter, hull
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-12) -> Tensor:
+    """IoU of corresponding boxes: (N,4) xyxy and (N,4) xyxy -> (N,).
+
+    torchvision only offers the pairwise (N, M) IoU; this is its diagonal without the N x M matrix. ``eps`` only
+    guards 0/0: far below float32's resolution of any real box area, so tiny boxes get the official values
+    (torchvision's ``generalized_box_iou_loss`` adds 1e-7, which moves the GIoU of a 4-pixel box at 1008 px).
+    """
+    inter, union, _ = _paired_areas(boxes1, boxes2)
+    return inter / (union + eps)
+
+
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-12) -> Tensor:
+    """GIoU of corresponding xyxy boxes: (N,4), (N,4) -> (N,), ``IoU - (hull - union) / hull``."""
+    inter, union, hull = _paired_areas(boxes1, boxes2)
+    return inter / (union + eps) - (hull - union) / (hull + eps)
 
 
 def point_sample(inputs: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
@@ -329,7 +342,7 @@ class Sam3Criterion(nn.Module):
         l1 = F.l1_loss(
             box_convert(src, "xyxy", "cxcywh"), box_convert(tgt, "xyxy", "cxcywh"), reduction="sum"
         )
-        giou = generalized_box_iou_loss(src, tgt, reduction="sum")
+        giou = (1 - paired_generalized_box_iou(src, tgt)).sum()
         return {"loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
 
     def loss_ce(
