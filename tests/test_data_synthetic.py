@@ -38,7 +38,7 @@ def test_deterministic_per_seed(tmp_path: Path) -> None:
 
 
 def test_layout(synth: Path) -> None:
-    assert sorted(p.name for p in synth.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in synth.iterdir()) == [".sam3lora-synthetic", "train", "val"]
     for split, n in (("train", 12), ("val", 4)):
         data = _load(synth, split)
         assert len(data["images"]) == n

@@ -229,3 +229,94 @@ def test_full_disk_during_training_leaves_no_partial_checkpoint(
     assert info.value.errno == errno.ENOSPC, info.value
     checkpoints = small_filesystem / "job" / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir()), list(checkpoints.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ 3. data.root
+
+
+def compose_data(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={tmp_path}", *overrides])
+
+
+def datamodule(cfg: DictConfig, processor: Any) -> Any:
+    from sam3lora.training.app import build
+
+    return build(cfg.data, "data", processor=processor)
+
+
+SMALL_SET = ["data.synthetic.train=2", "data.synthetic.val=1", "data.synthetic.size=64"]
+
+
+@pytest.fixture(scope="module")
+def processor() -> Any:
+    from sam3lora.model import load_model
+
+    return load_model("tiny")[1]
+
+
+def hashes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_root_typo_is_an_error_naming_it(tmp_path: Path, processor: Any) -> None:
+    """The default (synthetic) data config with a data.root that does not exist: one line naming the path, and
+    nothing generated there."""
+    from sam3lora.data.coco import DataError
+
+    typo = tmp_path / "data" / "synthetc"
+    dm = datamodule(compose_data(tmp_path, f"data.root={typo}", *SMALL_SET), processor)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert message.startswith(f"{typo}: data.root does not exist") and "\n" not in message, message
+    assert "data.synthetic.root" in message and "overwrite" not in message
+    assert not typo.exists()
+
+
+def test_data_root_of_another_folder_is_never_replaced(tmp_path: Path, processor: Any) -> None:
+    """data.root naming a real folder that is not in the canonical layout: an error, no overwrite suggested, and
+    neither the trainer nor ``sam3lora-data synthetic --overwrite`` touches it."""
+    from sam3lora.cli.data import main as data_main
+    from sam3lora.data.coco import DataError
+    from sam3lora.data.synthetic import write_synthetic
+
+    real = tmp_path / "my_dataset"
+    (real / "images").mkdir(parents=True)
+    (real / "images" / "0001.jpg").write_bytes(b"not really a jpeg")
+    (real / "labels.json").write_text("{}")
+    before = hashes(real)
+    dm = datamodule(compose_data(tmp_path, f"data.root={real}", *SMALL_SET), processor)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    assert "holds no dataset" in str(info.value) and "overwrite" not in str(info.value)
+    with pytest.raises(DataError) as info:  # asked to generate exactly there: still refused, it is not ours
+        datamodule(compose_data(tmp_path, f"data.synthetic.root={real}", *SMALL_SET), processor).prepare_data()
+    assert "not a generated synthetic set" in str(info.value) and "overwrite" not in str(info.value)
+    with pytest.raises(DataError, match="never replaced"):
+        write_synthetic(real, train=1, val=1, size=64, overwrite=True)
+    assert data_main(["synthetic", "--out", str(real), "--train", "1", "--val", "1", "--size", "64",
+                      "--overwrite"]) == 2
+    assert hashes(real) == before
+
+
+def test_synthetic_set_is_generated_where_asked_and_marked(tmp_path: Path, processor: Any) -> None:
+    """The config's own location (default data.root), an explicit data.synthetic.root, and experiment=demo
+    (what ``make train`` runs) generate their set on demand, marked; a marked set can be regenerated."""
+    from sam3lora.data.synthetic import MARKER, write_synthetic
+
+    default = compose_data(tmp_path, *SMALL_SET)
+    assert default.data.root == default.data.synthetic.root == f"{tmp_path}/data/synthetic"
+    datamodule(default, processor).prepare_data()
+    chosen = compose_data(tmp_path, f"data.synthetic.root={tmp_path / 'mine'}", *SMALL_SET)
+    assert chosen.data.root == str(tmp_path / "mine")
+    datamodule(chosen, processor).prepare_data()
+    demo = compose_data(tmp_path, "experiment=demo", *SMALL_SET)
+    assert demo.data.root == f"{tmp_path}/data/demo"
+    datamodule(demo, processor).prepare_data()
+    for root in (tmp_path / "data" / "synthetic", tmp_path / "mine", tmp_path / "data" / "demo"):
+        assert (root / "train" / "annotations.json").is_file() and (root / MARKER).is_file(), root
+    marker = json.loads((tmp_path / "data" / "demo" / MARKER).read_text())
+    assert marker["categories"] == list(demo.data.synthetic.categories)
+    write_synthetic(tmp_path / "mine", train=1, val=1, size=64, overwrite=True)  # ours: may be replaced
+    assert len(json.loads((tmp_path / "mine" / "train" / "annotations.json").read_text())["images"]) == 1

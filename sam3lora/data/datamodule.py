@@ -15,6 +15,7 @@ validation drops it (no duplicated image ids in evaluation), so a validation bat
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -254,7 +255,8 @@ class Sam3DataModule(L.LightningDataModule):
         on_bad_sample: ``raise`` or ``skip``.
         yolo_src: a YOLO dataset converted once into ``root`` by :meth:`prepare_data`.
         synthetic: arguments of :func:`sam3lora.data.synthetic.write_synthetic` (train, val, size, seed,
-            categories); :meth:`prepare_data` generates that set into ``root`` when ``root`` holds no dataset yet.
+            categories) and optionally ``root``, the one place it may generate into; :meth:`prepare_data`
+            generates that set into ``root`` when ``root`` holds no dataset yet and is that place.
     """
 
     def __init__(
@@ -323,15 +325,16 @@ class Sam3DataModule(L.LightningDataModule):
     # -------------------------------------------------------------------------------------- preparation
 
     def prepare_data(self) -> None:
-        """Generate the synthetic set, or convert ``yolo_src``, into ``root`` once (an existing one is reused)."""
-        if self.synthetic is not None:
-            if not (self.root / self.splits["train"] / "annotations.json").is_file():
-                from sam3lora.data.synthetic import write_synthetic
+        """Generate the synthetic set, or convert ``yolo_src``, into ``root`` once (an existing one is reused).
 
-                log.info("generating the synthetic dataset into %s", self.root)
-                write_synthetic(self.root, **self.synthetic)
+        A synthetic set is generated only where it was asked for: into ``synthetic['root']`` when that key is
+        given (the data config's own location, ``data.synthetic.root``), else into ``root``. A ``root`` that does
+        not exist and is not that location is an error naming it (a typo never becomes a generated dataset)."""
+        if self.synthetic is not None:
+            self._prepare_synthetic()
             return
         if self.yolo_src is None:
+            self._check_root()
             return
         from sam3lora.data.yolo import yolo_to_coco
 
@@ -347,6 +350,30 @@ class Sam3DataModule(L.LightningDataModule):
         log.info("converting YOLO dataset %s into %s", self.yolo_src, self.root)
         yolo_to_coco(self.yolo_src, self.root)
         marker.write_text(source + "\n", encoding="utf-8")
+
+    def _uses_coco_reader(self) -> bool:
+        target = self.reader.get("_target_", "") if isinstance(self.reader, Mapping) else ""
+        return self.reader is None or str(target).endswith("CocoReader")
+
+    def _check_root(self) -> None:
+        """The default reader's ``root`` must exist (custom readers may read from elsewhere)."""
+        if self._uses_coco_reader() and not self.root.exists():
+            raise DataError(self.root, "data.root does not exist")
+
+    def _prepare_synthetic(self) -> None:
+        from sam3lora.data.synthetic import write_synthetic
+
+        settings = dict(self.synthetic or {})
+        into = settings.pop("root", None)
+        if (self.root / self.splits["train"] / "annotations.json").is_file():
+            return
+        if into is not None and os.path.realpath(str(into)) != os.path.realpath(self.root):
+            where = "does not exist" if not self.root.exists() else (
+                f"holds no dataset ({self.splits['train']}/annotations.json not found)")
+            raise DataError(self.root, f"data.root {where}; a synthetic set is generated only into "
+                                       f"data.synthetic.root ({into}): set data.synthetic.root to generate one here")
+        log.info("generating the synthetic dataset into %s", self.root)
+        write_synthetic(self.root, **settings)
 
     def _dataset(self, stage: str) -> Sam3Dataset:
         train = stage == "train"

@@ -51,6 +51,7 @@ SHAPES: tuple[str, ...] = (
 DEFAULT_CATEGORIES: tuple[str, ...] = (
     "red circle", "blue square", "green triangle", "yellow star", "magenta ring",
 )
+MARKER = ".sam3lora-synthetic"  # written into every generated set: only marked directories are ever replaced
 MIN_AREA = 20
 MIN_VISIBLE = 0.2
 MAX_OBJECTS = 6
@@ -305,16 +306,38 @@ def _split_coco(cats: list[Category], split: str, count: int, size: int, seed: i
     }
 
 
+def is_synthetic(root: str | Path) -> bool:
+    """Whether ``root`` is a set this module generated (it holds the :data:`MARKER` file)."""
+    return (Path(root) / MARKER).is_file()
+
+
+def check_replaceable(out: str | Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty ``out`` unless it is a generated synthetic set and ``overwrite``: a
+    directory without the marker (a real dataset, anything else) is never replaced, whatever the flags."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_synthetic(out):
+        raise DataError(out, f"is not empty and is not a generated synthetic set (no {MARKER} file): it is never "
+                             "replaced; choose another directory")
+    if not overwrite:
+        raise DataError(out, "is not empty: a synthetic set generated earlier "
+                             "(pass overwrite / --overwrite to regenerate it)")
+
+
 def write_synthetic(out: str | Path, *, train: int = 64, val: int = 16, size: int = 224, seed: int = 0,
                     categories: Sequence[str] | None = None, overwrite: bool = False, hard_negatives: float = 0.5,
                     ) -> Path:
     """Write a synthetic shapes dataset (``out/{train,val}/annotations.json`` + ``images/``); return ``out``.
 
     ``categories``: ``"<colour> <shape>"`` names (default :data:`DEFAULT_CATEGORIES`); colours from
-    :data:`COLOURS`, shapes from :data:`SHAPES`. The directory is written whole (temp dir + rename);
-    a non-empty ``out`` is refused unless ``overwrite``. ``hard_negatives``: probability that an image also
-    holds 1-2 unannotated objects that combine a colour and a shape of the set into a pair that is not a category
-    (0 turns them off). Raises :class:`DataError` on bad arguments.
+    :data:`COLOURS`, shapes from :data:`SHAPES`. The directory is written whole (temp dir + rename) and holds
+    the :data:`MARKER` file (the settings); a non-empty ``out`` is refused unless it holds that marker (a set
+    generated earlier) and ``overwrite`` is given: anything else is never replaced. ``hard_negatives``:
+    probability that an image also holds 1-2 unannotated objects that combine a colour and a shape of the set into
+    a pair that is not a category (0 turns them off). Raises :class:`DataError` on bad arguments.
     """
     out = Path(out)
     try:
@@ -327,7 +350,11 @@ def write_synthetic(out: str | Path, *, train: int = 64, val: int = 16, size: in
         raise DataError("--hard-negatives", f"must be a probability in [0, 1], got {hard_negatives}")
     if train < 0 or val < 0 or train + val == 0:
         raise DataError("--train/--val", f"need counts >= 0, not both 0 (got {train}, {val})")
-    with output_dir(out, overwrite) as tmp:
+    check_replaceable(out, overwrite)
+    with output_dir(out, overwrite=True) as tmp:
+        settings = {"train": train, "val": val, "size": size, "seed": seed, "categories": [c.name for c in cats],
+                    "hard_negatives": hard_negatives}
+        (tmp / MARKER).write_text(json.dumps({"written_by": "sam3lora synthetic", **settings}, indent=2) + "\n")
         for split, count in (("train", train), ("val", val)):
             images_dir = tmp / split / "images"
             images_dir.mkdir(parents=True)
