@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # what the build reads: pyproject.toml names README.md (readme), LICENSE (license-files), sam3lora and conf
 BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "sam3lora", "conf")
 SCRIPTS = ("sam3lora-train", "sam3lora-data", "sam3lora-predict", "sam3lora-eval", "sam3lora-export", "sam3lora-demo")
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 
 def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
