@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,7 @@ def _all_reduce_sum(values: np.ndarray) -> np.ndarray:
 
 
 class CgF1Accumulator:
-    """SAM 3's classification-gated F1 over (image, prompt) pairs, following ``sam3/eval/cgf1_eval.py``.
+    """SAM 3's classification-gated F1 over (image, prompt) pairs, computed as ``sam3/eval/cgf1_eval.py``.
 
     Per pair: predictions with score >= ``score_threshold`` are kept and Hungarian-matched to the GT masks on
     IoU (maximising total IoU, once); at each IoU threshold t in 0.50:0.05:0.95 a match with IoU >= t is a TP,
@@ -187,18 +186,16 @@ class CgF1Accumulator:
 
     Dataset level, per threshold: TP and FN are summed over every pair with GT (a pair with GT and no
     predictions adds all its GT to FN); FP only over pairs with both GT and predictions (predictions on a
-    GT-free pair are image-level false positives, which IL_MCC punishes). pmF1_t = 2TP / (2TP + FP + FN).
-    IL_MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) over pairs. cgF1 = mean_t(pmF1_t * IL_MCC).
+    GT-free pair are image-level false positives, which IL_MCC punishes). With the official epsilons:
+    P_t = TP / (TP + FP + 1e-4), R_t = TP / (TP + FN + 1e-4), pmF1_t = 2 P R / (P + R + 1e-4);
+    IL_MCC = (TP*TN - FP*FN) / (sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) + 1e-6) over pairs;
+    cgF1 = mean over t of pmF1_t * IL_MCC (values <= -1 left out, as the official summary).
+
+    So an all-positive (or all-negative) validation set has IL_MCC = cgF1 = 0 however good the masks, exactly as
+    the official evaluator: add negative prompts to the validation split (the datamodule queries every category
+    on every image) for a meaningful cgF1. tests/test_oracle_metrics.py compares against the official code.
 
     Returned scale as in the paper (cgF1 54.1, IL_MCC 0.82, pmF1 66.1): cgF1, pmF1 x100; IL_MCC in [-1, 1].
-
-    Edge cases (the official code uses small epsilons instead and returns ~0 in all of them):
-    - pmF1_t with an empty denominator (no GT on any pair and no FP to count) is 1: nothing to find, nothing
-      wrongly found.
-    - IL_MCC with a zero denominator (all pairs positive, or all negative, or nothing predicted / everything
-      predicted) is 1 when the pair-level classification has no error (IL_FP = IL_FN = 0) and 0 otherwise.
-      This differs from the official 0 only for an error-free run on a one-sided set (e.g. a validation set
-      without negative prompts), where the official cgF1 would be 0 whatever the masks.
     """
 
     def __init__(self, score_threshold: float = 0.5, iou_thresholds: Sequence[float] = tuple(IOU_THRESHOLDS)):
@@ -215,7 +212,10 @@ class CgF1Accumulator:
         self.fn = np.zeros(k, dtype=np.int64)
 
     def update(self, pred_masks: Tensor, scores: Tensor, gt_masks: Tensor) -> None:
-        """Add one (image, prompt) pair: pred_masks (P,H,W) bool, scores (P,), gt_masks (G,H,W) bool."""
+        """Add one (image, prompt) pair: pred_masks (P,H,W) bool, scores (P,), gt_masks (G,H,W) bool.
+
+        Pass every query of the pair (or at least every one scoring >= the threshold): the rest are dropped here.
+        """
         _check_masks("pred_masks", pred_masks)
         _check_masks("gt_masks", gt_masks)
         kept = pred_masks[scores.to(pred_masks.device) >= self.score_threshold]
@@ -231,7 +231,7 @@ class CgF1Accumulator:
         ious = mask_iou(kept, gt_masks).cpu().numpy()
         qi, ti = linear_sum_assignment(-ious)
         matched = ious[qi, ti]
-        tp = (matched[None, :] >= self.iou_thresholds[:, None] - 1e-12).sum(1)
+        tp = (matched[None, :] >= self.iou_thresholds[:, None]).sum(1)
         self.tp += tp
         self.fp += num_dt - tp
         self.fn += num_gt - tp
@@ -248,17 +248,15 @@ class CgF1Accumulator:
         )
 
     def il_mcc(self) -> float:
-        """Matthews correlation of "pair has GT" vs "pair has predictions" (edge cases: class docstring)."""
+        """Matthews correlation of "pair has GT" vs "pair has predictions" (official +1e-6 in the denominator)."""
         tp, fp, tn, fn = (float(x) for x in self.il)
-        den = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-        if den == 0:
-            return 1.0 if fp == 0 and fn == 0 and tp + tn > 0 else 0.0
-        return (tp * tn - fp * fn) / float(np.sqrt(den))
+        return (tp * tn - fp * fn) / (float(np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))) + 1e-6)
 
     def pm_f1_per_threshold(self) -> np.ndarray:
-        """Positive micro F1 at each IoU threshold, in [0, 1] (edge cases: class docstring)."""
-        den = 2 * self.tp + self.fp + self.fn
-        return np.where(den > 0, 2 * self.tp / np.maximum(den, 1), 1.0)
+        """Positive micro F1 at each IoU threshold, in [0, 1] (official epsilons)."""
+        precision = self.tp / (self.tp + self.fp + 1e-4)
+        recall = self.tp / (self.tp + self.fn + 1e-4)
+        return 2 * precision * recall / (precision + recall + 1e-4)
 
     def compute(self) -> dict[str, float]:
         """``{"cgF1": x100, "IL_MCC": [-1,1], "pmF1": x100, "num_pairs": n}``; all 0 before any update."""
@@ -266,8 +264,10 @@ class CgF1Accumulator:
             return {"cgF1": 0.0, "IL_MCC": 0.0, "pmF1": 0.0, "num_pairs": 0.0}
         mcc = self.il_mcc()
         pm = self.pm_f1_per_threshold()
+        gated = pm * mcc
+        gated = gated[gated > -1]
         return {
-            "cgF1": float(100.0 * np.mean(pm * mcc)),
+            "cgF1": float(100.0 * gated.mean()) if len(gated) else -100.0,
             "IL_MCC": float(mcc),
             "pmF1": float(100.0 * pm.mean()),
             "num_pairs": float(self.il.sum()),
@@ -310,8 +310,10 @@ class CocoApAccumulator:
     """COCO AP / AP50 / AP75 for ``segm`` and ``bbox`` with pycocotools, fed one (image, category) at a time.
 
     Ground truth comes with the pairs (every category is queried on every image, so an image with GT-free
-    pairs is still evaluated). Detections are RLE-encoded on arrival; ``compute`` keeps the top ``max_dets``
-    scores per image across categories, then runs ``COCOeval`` (maxDets 1, 10, max_dets).
+    pairs is still evaluated). Detections are RLE-encoded on arrival; ``compute`` runs ``COCOeval`` (maxDets 1,
+    10, ``max_dets``) on exactly the detections ``results`` returns, with pycocotools' own rule: at most
+    ``max_dets`` detections per (image, category), i.e. per pair. Nothing is cut across categories, so the AP
+    equals plain ``COCOeval`` on the written results whatever their number.
 
     Box-only GT instances (``gt_has_mask`` False) count normally for ``bbox``; for ``segm`` they become crowd
     regions shaped as their box, so detections on them are ignored rather than counted as false positives.
@@ -401,15 +403,9 @@ class CocoApAccumulator:
             self.dets.extend(dets)
 
     def results(self) -> list[dict[str, Any]]:
-        """Detections in COCO results format (``bbox`` xywh pixels, ``segmentation`` RLE with str counts),
-        top ``max_dets`` per image."""
-        per_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for det in self.dets:
-            per_image[det["image_id"]].append(det)
-        kept = []
-        for dets in per_image.values():
-            kept.extend(sorted(dets, key=lambda d: -d["score"])[: self.max_dets])
-        return kept
+        """Detections in COCO results format (``bbox`` xywh pixels, ``segmentation`` RLE with str counts), as
+        given (COCOeval keeps the top ``max_dets`` of each (image, category) itself)."""
+        return list(self.dets)
 
     def _gt_coco(self, iou_type: str) -> COCO:
         height_width = self.images

@@ -102,7 +102,22 @@ def test_cgf1_perfect_is_100() -> None:
     acc.update(g[:1], torch.tensor([0.99]), g[:1])
     acc.update(stack(rect(0, 0, 2, 2)), torch.tensor([0.1]), stack())  # negative pair, only a low score
     out = acc.compute()
-    assert out == {"cgF1": pytest.approx(100.0), "IL_MCC": pytest.approx(1.0), "pmF1": 100.0, "num_pairs": 3}
+    # the official epsilons keep a perfect run a hair under 100: P = R = 3 / (3 + 1e-4), MCC = 2 / (2 + 1e-6)
+    p = 3 / (3 + 1e-4)
+    pm = 2 * p * p / (2 * p + 1e-4)
+    mcc = 2 / (2 + 1e-6)
+    assert out == {"cgF1": pytest.approx(100 * pm * mcc, rel=1e-12), "IL_MCC": pytest.approx(mcc, rel=1e-12),
+                   "pmF1": pytest.approx(100 * pm, rel=1e-12), "num_pairs": 3}
+    assert out["cgF1"] > 99.99
+
+
+def test_cgf1_is_zero_without_negative_pairs_as_the_official_evaluator() -> None:
+    """No negative pair and every object found: IL_MCC's denominator is 0, so IL_MCC = cgF1 = 0 (official)."""
+    acc = CgF1Accumulator()
+    g = stack(rect(0, 0, 4, 4))
+    acc.update(g, torch.tensor([0.9]), g)
+    out = acc.compute()
+    assert out["IL_MCC"] == 0.0 and out["cgF1"] == 0.0 and out["pmF1"] > 99.9
 
 
 def test_cgf1_empty_predictions_on_positive_pairs() -> None:
@@ -125,8 +140,8 @@ def test_cgf1_all_false_positives() -> None:
     assert acc.fp.tolist() == [1] * 10  # the negative pair's FP is not a pmF1 FP
     only_negatives = CgF1Accumulator()
     only_negatives.update(stack(rect(0, 0, 4, 4)), torch.tensor([0.8]), stack())
-    # documented convention: pmF1 has nothing to measure (1.0); the image-level error zeroes cgF1
-    assert only_negatives.compute()["cgF1"] == 0.0 and only_negatives.compute()["pmF1"] == 100.0
+    # as the official evaluator: no TP -> pmF1 0; the image-level error zeroes cgF1
+    assert only_negatives.compute()["cgF1"] == 0.0 and only_negatives.compute()["pmF1"] == 0.0
 
 
 def test_cgf1_mixed_hand_computed() -> None:
@@ -145,9 +160,9 @@ def test_cgf1_mixed_hand_computed() -> None:
     mcc = 1 / 6
     # t in {.50,.55,.60}: TP=3 FP=0 FN=1 -> F1 6/7; other 7 thresholds: TP=2 FP=1 FN=2 -> F1 4/7
     pm = (3 * 6 / 7 + 7 * 4 / 7) / 10
-    assert out["IL_MCC"] == pytest.approx(mcc)
-    assert out["pmF1"] == pytest.approx(100 * pm)
-    assert out["cgF1"] == pytest.approx(100 * pm * mcc)
+    assert out["IL_MCC"] == pytest.approx(mcc, rel=1e-5)  # official epsilons: 1e-6 / 1e-4 in the denominators
+    assert out["pmF1"] == pytest.approx(100 * pm, rel=1e-3)  # small counts: the 1e-4 epsilons show
+    assert out["cgF1"] == pytest.approx(100 * pm * mcc, rel=1e-3)
     acc.all_reduce()  # no process group: unchanged
     assert acc.compute() == out
     acc.reset()
@@ -244,7 +259,8 @@ def test_coco_ap_equals_direct_cocoeval() -> None:
         assert 0 < got[0] < 1
 
 
-def test_coco_top_k_per_image_and_results_json(tmp_path) -> None:
+def test_coco_results_keep_every_detection_and_json(tmp_path) -> None:
+    """No cut across categories: pycocotools applies maxDets per (image, category) itself."""
     acc = CocoApAccumulator(max_dets=2)
     masks = stack(rect(0, 0, 4, 4), rect(5, 5, 9, 9), rect(0, 6, 3, 9))
     acc.update(
@@ -252,7 +268,7 @@ def test_coco_top_k_per_image_and_results_json(tmp_path) -> None:
     )
     acc.update(7, 2, (H, W), torch.tensor([0.5]), _boxes(masks[2:]), masks[2:])
     results = acc.results()
-    assert sorted(r["score"] for r in results) == pytest.approx([0.5, 0.9])
+    assert sorted(r["score"] for r in results) == pytest.approx([0.2, 0.5, 0.9])
     path = write_coco_results(tmp_path / "out" / "dets.json", results)
     assert json.loads(path.read_text()) == results
     assert [p.name for p in path.parent.iterdir()] == ["dets.json"]

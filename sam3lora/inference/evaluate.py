@@ -4,8 +4,8 @@ Every category is queried on every image (absent ones are negative prompts), wit
 text. Per (image, category) pair the predictor's Q queries are scored as SAM 3 does; the candidates (the top
 ``max_detections`` by score plus every query >= ``score_threshold``) are upsampled to the image size once and fed to
 the accumulators of ``sam3lora.metrics``: matched-instance IoU / Dice and cgF1 (IL_MCC, pmF1) count predictions
->= ``score_threshold``; COCO box and mask AP take the top ``max_detections`` per image (as COCO), evaluated by
-pycocotools on exactly the detections that are written out.
+>= ``score_threshold``; COCO box and mask AP take the top ``max_detections`` per (image, category) pair, which is
+pycocotools' own maxDets rule, evaluated by pycocotools on exactly the detections that are written out.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class EvalSettings:
     """Attributes:
     score_threshold: predictions >= this count for IoU / Dice / cgF1 (SAM 3: 0.5).
     mask_threshold: mask probability above which a pixel is foreground.
-    max_detections: detections per image kept for COCO AP (COCO: 100).
+    max_detections: detections per (image, category) kept for COCO AP (pycocotools' maxDets, 100).
     batch_size: images per forward pass.
     limit: evaluate only the first N images of the split (None = all).
     """

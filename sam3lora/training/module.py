@@ -58,7 +58,8 @@ class MetricSettings:
         matched to each ground-truth instance (mask quality; calibration is what cgF1 measures).
     mask_threshold: mask probability above which a pixel is foreground.
     ap_every_n_epochs: COCO box/mask AP every N validation epochs (0 = never); every validation outside ``fit``.
-    max_detections: detections per (image, prompt) row kept for AP (COCO keeps 100 per image).
+    max_detections: detections per (image, prompt) row kept for AP: pycocotools' maxDets, which it applies per
+        (image, category), i.e. per row (cgF1 always sees every query above ``score_threshold``).
     """
 
     score_threshold: float = 0.5
@@ -329,7 +330,8 @@ class Sam3LoRAModule(L.LightningModule):
         for r, target in enumerate(batch.targets):
             q_matched = indices[r][0].to(scores.device)
             top = scores[r].topk(min(settings.max_detections, scores.shape[1])).indices
-            candidates = torch.unique(torch.cat([q_matched, top]))
+            above = torch.nonzero(scores[r] >= settings.score_threshold).flatten()  # cgF1 sees all of them
+            candidates = torch.unique(torch.cat([q_matched, top, above]))
             position = torch.full((scores.shape[1],), -1, dtype=torch.long, device=scores.device)
             position[candidates] = torch.arange(len(candidates), device=scores.device)
             masks = F.interpolate(outputs["pred_masks"][r, candidates][None].float(), size=size, mode="bilinear")
