@@ -131,3 +131,22 @@ def test_o2m_terms_scale_with_weight(synthetic_root: Path, batches: dict) -> Non
     two = double(outputs, batch.targets)
     for key in (k for k in one if k.endswith("_o2m")):
         assert two[key].item() == pytest.approx(2 * one[key].item(), rel=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["lora=minimal"], ["lora=full"], ["module.perf.activation_checkpointing=true"], ["bf16"]],
+    ids=["minimal", "full", "checkpointing", "bf16"],
+)
+def test_dac_step_with_presets_checkpointing_and_bf16(synthetic_root: Path, batches: dict, overrides: list) -> None:
+    bf16 = overrides == ["bf16"]
+    module = build_module(compose_cfg(synthetic_root, *([] if bf16 else overrides)))
+    module.train()
+    batch = batches["train"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        losses = module.criterion(module(batch), batch.targets)
+    assert {"loss_ce_o2m", "loss_mask_o2m", "loss_bbox_aux0_o2m"} <= set(losses)
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    decoder = [p for n, p in module.named_parameters() if p.requires_grad and "detr_decoder" in n]
+    assert decoder and all(p.grad is not None and torch.isfinite(p.grad).all() for p in decoder)
