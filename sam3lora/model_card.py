@@ -572,7 +572,7 @@ def _data_section(data: Mapping[str, Any] | None) -> list[str]:
             "coloured shapes, one category per colour + shape."
         )
     if data.get("prompt_mode"):
-        out[0] += f" Prompts: `{data['prompt_mode']}` (one row per image and category, negatives included)."
+        out[0] += f" Prompt mode `{data['prompt_mode']}` (`data.prompt_mode`: text, box or text+box exemplars)."
     out += ["", _table(["split", "folder", "images", "instances"], [
         [s["role"], s["split"], s["images"], s["instances"]] for s in data.get("splits", [])
     ])]
@@ -609,7 +609,7 @@ def _training_section(training: Mapping[str, Any] | None, evaluation: Mapping[st
         ["optimiser", training.get("optimizer")],
         ["peak learning rate" + ("s" if len(training.get("learning_rates") or []) > 1 else ""),
          [f"{lr:g}" for lr in training.get("learning_rates") or []]],
-        ["weight decay", training.get("weight_decay")],
+        ["weight decay", f"{training['weight_decay']:g}" if training.get("weight_decay") is not None else None],
         ["schedule", schedule_text],
         ["precision", training.get("precision")],
         ["seed", training.get("seed")],
