@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +127,18 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool
             )
     modules = dict(_base_model(model).named_modules())
     problems = []
-    for key, tensor in load_file(path / "adapter_model.safetensors").items():
+    config = _read_adapter_config(path / "adapter_config.json")
+    for key, tensor in read_adapter_weights(path).items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         module_name = _strip(key.removeprefix("base_model.model.").split(".lora_")[0])
+        rank = _configured_rank(config, module_name)
+        actual_rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1]
+        if rank is not None and actual_rank != rank:
+            raise AdapterMismatchError(
+                f"{path / 'adapter_config.json'}: says rank {rank} for {module_name}, but "
+                f"adapter_model.safetensors holds rank {actual_rank} ({key}): the two files do not belong together"
+            )
         module = modules.get(module_name)
         base_layer = getattr(module, "base_layer", module)
         if not isinstance(base_layer, nn.Linear):
@@ -143,6 +152,35 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool
         listed = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
         raise AdapterMismatchError(f"{path}: adapter does not fit this base model: {listed}")
     return sidecar
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``; a truncated or corrupt file is an error naming it."""
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors raises SafetensorError (not an OSError) on a truncated header or body
+        raise AdapterMismatchError(f"{file}: cannot read the adapter weights, the file is truncated or corrupt "
+                                   f"({' '.join(str(err).split())})") from None
+
+
+def _read_adapter_config(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterMismatchError(f"{file}: cannot read the adapter config ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterMismatchError(f"{file}: the adapter config must be a JSON object")
+    return config
+
+
+def _configured_rank(config: dict[str, Any], module_name: str) -> int | None:
+    """The LoRA rank ``adapter_config.json`` gives ``module_name`` (PEFT's ``rank_pattern``, else ``r``)."""
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return int(rank)
+    rank = config.get("r")
+    return int(rank) if isinstance(rank, int | float) else None
 
 
 def load_adapter(
@@ -166,7 +204,7 @@ def load_adapter(
         peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable)
     in_model = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)  # keys as PEFT saves them
     missing = []
-    for key, tensor in load_file(path / "adapter_model.safetensors").items():
+    for key, tensor in read_adapter_weights(path).items():
         param = in_model.get(key)
         if param is None or not torch.equal(param.detach().cpu().to(tensor.dtype), tensor):
             missing.append(key)

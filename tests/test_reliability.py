@@ -320,3 +320,156 @@ def test_synthetic_set_is_generated_where_asked_and_marked(tmp_path: Path, proce
     assert marker["categories"] == list(demo.data.synthetic.categories)
     write_synthetic(tmp_path / "mine", train=1, val=1, size=64, overwrite=True)  # ours: may be replaced
     assert len(json.loads((tmp_path / "mine" / "train" / "annotations.json").read_text())["images"]) == 1
+
+
+# ------------------------------------------------------------------------------------------ 4. one-line errors
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path) -> Path:
+    from sam3lora.adapter import save_adapter
+    from sam3lora.lora import LoraSettings, apply_lora
+    from sam3lora.model import load_model
+
+    settings = LoraSettings(rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
+    return save_adapter(apply_lora(load_model("tiny")[0], settings), tmp_path / "adapter", settings)
+
+
+def predict_cli(*args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from sam3lora.cli.predict import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    text = err.getvalue()
+    assert "Traceback" not in text, text
+    return code, "\n".join(line for line in text.splitlines() if "error" in line)  # not transformers' progress bars
+
+
+def one_image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+    return path
+
+
+def test_truncated_adapter_weights_are_one_line_naming_the_file(tmp_path: Path, adapter_dir: Path) -> None:
+    from sam3lora.adapter import AdapterMismatchError, load_adapter
+    from sam3lora.model import load_model
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(AdapterMismatchError) as info:
+        load_adapter(load_model("tiny")[0], adapter_dir)
+    assert str(info.value).startswith(f"{weights}: cannot read the adapter weights") and "\n" not in str(info.value)
+    code, stderr = predict_cli(str(one_image(tmp_path)), "--text", "red circle", "--base", "tiny", "--adapter",
+                               str(adapter_dir), "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert code == 2 and "\n" not in stderr and str(weights) in stderr and "truncated" in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_config_rank_disagreeing_with_the_weights_is_one_line(tmp_path: Path, adapter_dir: Path) -> None:
+    from sam3lora.adapter import AdapterMismatchError, load_adapter
+    from sam3lora.model import load_model
+
+    config = adapter_dir / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data["r"] = 8  # the weights are rank 4
+    config.write_text(json.dumps(data))
+    with pytest.raises(AdapterMismatchError) as info:
+        load_adapter(load_model("tiny")[0], adapter_dir)
+    message = str(info.value)
+    assert message.startswith(f"{config}: says rank 8") and "holds rank 4" in message and "\n" not in message
+    code, stderr = predict_cli(str(one_image(tmp_path)), "--text", "red circle", "--base", "tiny", "--adapter",
+                               str(adapter_dir), "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert code == 2 and "\n" not in stderr and "says rank 8" in stderr, stderr
+
+
+def train_job(cfg: DictConfig, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``sam3lora-train``'s job function on ``cfg``: (exit status, stderr)."""
+    from sam3lora.training.app import run_job
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_job(cfg)
+    text = capsys.readouterr().err
+    assert "Traceback" not in text, text
+    return int(info.value.code), "\n".join(line for line in text.splitlines() if "error" in line)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rank=abc", "sam3lora-train: error: lora.rank: expected an integer, got 'abc'"),
+        ("++lora.detr_decoder.rank=abc", "sam3lora-train: error: lora.detr_decoder.rank: expected an integer or null"),
+        ("trainer.max_epochs=abc", "sam3lora-train: error: trainer.max_epochs: expected an integer or null"),
+        ("data.batch_size=0", "sam3lora-train: error: data.batch_size must be >= 1 (images per batch), got 0"),
+        ("data.num_workers=x", "sam3lora-train: error: data.num_workers: expected an integer, got 'x'"),
+    ],
+)
+def test_bad_config_values_are_one_line_with_exit_status_2(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+) -> None:
+    code, stderr = train_job(job_cfg(synthetic_root, tmp_path, *SMALL, override), capsys)
+    assert code == 2 and stderr.startswith(expected) and "\n" not in stderr, stderr
+
+
+def test_full_error_env_gives_the_traceback(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sam3lora.training.app import ConfigError, run_job
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ConfigError, match="lora.rank"):
+        run_job(job_cfg(synthetic_root, tmp_path, *SMALL, "lora.rank=abc"))
+
+
+def test_offline_hub_model_fails_fast_with_the_help_first(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from sam3lora.model import ModelLoadError, load_model, loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(loading, "_cached", lambda repo_id: False)  # whatever this machine's cache holds
+    start = time.monotonic()
+    code, stderr = train_job(job_cfg(synthetic_root, tmp_path, *SMALL, "model=sam3"), capsys)
+    assert time.monotonic() - start < 20
+    assert code == 2 and "\n" not in stderr, stderr
+    assert stderr.startswith("sam3lora-train: error: could not load 'facebook/sam3': offline"), stderr
+    assert "HF_TOKEN" in stderr and "model=tiny" in stderr
+    # online but the hub cannot be reached: the same at once, no connection retries
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ModelLoadError, match="^could not load 'facebook/sam3': cannot reach the Hugging Face hub"):
+        load_model("sam3")
+
+
+def broken_copy(synthetic_root: Path, tmp_path: Path, damage: dict[int, Any]) -> Path:
+    """Copy of the synthetic set whose train images at the given indices are damaged by ``damage[index](path)``."""
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_root, root)
+    images = json.loads((root / "train" / "annotations.json").read_text())["images"]
+    for index, how in damage.items():
+        how(root / "train" / "images" / images[index]["file_name"])
+    return root
+
+
+def test_bad_sample_in_a_worker_is_one_line_useful_first(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """on_bad_sample=raise with a DataLoader worker: the file and the problem on one line (not the worker's
+    traceback wrapped in a RuntimeError), with the switch that skips it."""
+    root = broken_copy(synthetic_root, tmp_path, {0: Path.unlink})
+    cfg = job_cfg(root, tmp_path, *SMALL, *LEAN, "data.num_workers=1", "lora=minimal")
+    code, stderr = train_job(cfg, capsys)
+    assert code == 2 and "\n" not in stderr, stderr
+    assert stderr.startswith(f"sam3lora-train: error: {root}/train/images/") and "image file not found" in stderr
+    assert "data.on_bad_sample=skip" in stderr

@@ -12,9 +12,9 @@ CONF_DIR = "pkg://sam3lora.conf"
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from sam3lora.training.app import run  # heavy imports after Hydra has parsed the command line
+    from sam3lora.training.app import run_job  # heavy imports after Hydra has parsed the command line
 
-    return run(cfg)
+    return run_job(cfg)  # a user error: one line on stderr, exit status 2 (HYDRA_FULL_ERROR=1: the traceback)
 
 
 if __name__ == "__main__":

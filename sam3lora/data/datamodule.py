@@ -36,7 +36,7 @@ from sam3lora.data.transforms import Sam3Transform, build_transform
 log = logging.getLogger(__name__)
 TEXT_LENGTH = 32
 ON_BAD_SAMPLE = ("raise", "skip")
-_SLOTS = 64  # bad-sample counter slots: 0 = main process, 1.. = workers (no cross-process races)
+SKIP_HINT = "data.on_bad_sample=skip skips bad samples"
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Sam3Dataset(Dataset):
         self.seed = int(seed)
         self.on_bad_sample = on_bad_sample
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with workers
-        self.bad = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+        self.bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()  # bad this epoch, by index
 
     def __len__(self) -> int:
         return len(self.records)
@@ -105,6 +105,7 @@ class Sam3Dataset(Dataset):
         self.bad.zero_()
 
     def bad_count(self) -> int:
+        """Distinct bad samples met this epoch (a sample tried again by a later index counts once)."""
         return int(self.bad.sum())
 
     def _load(self, index: int) -> ImageSample:
@@ -129,14 +130,21 @@ class Sam3Dataset(Dataset):
         )
 
     def _report(self, index: int, err: BadSampleError) -> None:
-        info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (_SLOTS - 1)
-        self.bad[slot] += 1
-        log.warning("skipping bad sample %d (%s): %s", index, self.reader.split, err)
+        if not bool(self.bad[index]):
+            self.bad[index] = True
+            log.warning("skipping bad sample %d (%s): %s", index, self.reader.split, err)
 
-    def __getitem__(self, index: int) -> ImageSample | None:
+    def __getitem__(self, index: int) -> ImageSample | BadSampleFailure | None:
         if self.on_bad_sample == "raise":
-            return self._load(index)
+            try:
+                return self._load(index)
+            except BadSampleError as err:
+                problem = f"{err.problem} ({SKIP_HINT})"
+                if torch.utils.data.get_worker_info() is None:
+                    raise BadSampleError(err.path, problem) from None
+                # in a worker: the loader re-raises it in the main process (a worker's exception would arrive
+                # as a RuntimeError holding the worker's traceback, the useful line last)
+                return BadSampleFailure(err.path, problem)
         tries = len(self.records) if self.train else 1
         for k in range(tries):
             i = (index + k) % len(self.records)
@@ -147,6 +155,15 @@ class Sam3Dataset(Dataset):
         if self.train:
             raise RuntimeError(f"every sample of split '{self.reader.split}' under {self.reader.root} is bad")
         return None
+
+
+@dataclass(frozen=True)
+class BadSampleFailure:
+    """A bad sample met in a DataLoader worker under ``on_bad_sample: raise``; the collate passes it through in
+    place of the batch and :class:`Sam3DataLoader` raises it as :class:`BadSampleError` in the main process."""
+
+    path: str
+    problem: str
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +196,10 @@ class Sam3Collate:
             return torch.zeros(0, TEXT_LENGTH, dtype=torch.long), torch.zeros(0, TEXT_LENGTH, dtype=torch.long)
         return torch.stack([self.cache[t][0] for t in texts]), torch.stack([self.cache[t][1] for t in texts])
 
-    def __call__(self, samples: Sequence[ImageSample | None]) -> Sam3Batch:
+    def __call__(self, samples: Sequence[ImageSample | BadSampleFailure | None]) -> Sam3Batch | BadSampleFailure:
+        failed = next((s for s in samples if isinstance(s, BadSampleFailure)), None)
+        if failed is not None:
+            return failed
         samples = [s for s in samples if s is not None]
         rows = [(i, row) for i, s in enumerate(samples) for row in s.rows]
         k = max((len(row.box_labels) for _, row in rows), default=1)
@@ -228,7 +248,10 @@ class Sam3DataLoader(DataLoader):
             seq = np.random.SeedSequence([dataset.seed, int(dataset.epoch)])
             self.generator.manual_seed(int(seq.generate_state(1)[0]))
         try:
-            yield from super().__iter__()
+            for batch in super().__iter__():
+                if isinstance(batch, BadSampleFailure):
+                    raise BadSampleError(batch.path, batch.problem)
+                yield batch
         finally:
             if dataset.bad_count():
                 log.warning(
@@ -285,8 +308,10 @@ class Sam3DataModule(L.LightningDataModule):
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
-        if int(batch_size) < 1 or int(num_workers) < 0:
-            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1 (images per batch), got {batch_size}")
+        if int(num_workers) < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if processor is None or not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
             raise TypeError("processor must be a Sam3Processor (with .tokenizer and .image_processor)")
         self.processor = processor

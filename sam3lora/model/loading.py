@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -54,9 +55,10 @@ def load_model(
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     source = resolve(name_or_path, seed)
     token = token or os.environ.get("HF_TOKEN")
+    local_only = hub_access(source)
     try:
-        model = Sam3Model.from_pretrained(source, dtype=DTYPES[dtype], token=token)
-        processor = Sam3Processor.from_pretrained(source, token=token)
+        model = Sam3Model.from_pretrained(source, dtype=DTYPES[dtype], token=token, local_files_only=local_only)
+        processor = Sam3Processor.from_pretrained(source, token=token, local_files_only=local_only)
     except OSError as err:  # gated repo, no network, missing files: transformers raises OSError subclasses
         raise ModelLoadError(_explain(source, err)) from err
     if image_size is not None and model.config.image_size != image_size:
@@ -67,15 +69,67 @@ def load_model(
     return model.eval(), processor
 
 
+_HELP = (
+    "SAM 3's weights are gated: accept the licence at https://huggingface.co/facebook/sam3, create a token "
+    "(https://huggingface.co/settings/tokens) and export HF_TOKEN=... (or run `hf auth login`). Offline, "
+    "point model.name_or_path at a local copy (a directory made by save_pretrained), or use model=tiny."
+)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def _explain(source: str, err: Exception) -> str:
     if Path(source).exists():
-        return f"could not load SAM 3 from the local directory {source}: {err}"
-    return (
-        f"could not load {source!r} from the Hugging Face hub: {err}\n"
-        "SAM 3's weights are gated: accept the licence at https://huggingface.co/facebook/sam3, create a token "
-        "(https://huggingface.co/settings/tokens) and export HF_TOKEN=... (or run `hf auth login`). Offline, "
-        "point model.name_or_path at a local copy (a directory made by save_pretrained), or use model=tiny."
-    )
+        return f"could not load SAM 3 from the local directory {source}: {_one_line(err)}"
+    return f"could not load {source!r} from the Hugging Face hub. {_HELP} (cause: {_one_line(err)})"
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id: from_pretrained says what is wrong
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_access(source: str) -> bool:
+    """For a hub id: whether to load from the local cache only (offline, or the hub unreachable but the files
+    cached). Fails at once, with the help first, when the files can come from nowhere: offline or unreachable
+    and not cached (instead of a minute of connection retries and a long traceback)."""
+    if Path(source).exists() or source.count("/") != 1:
+        return False
+    if _offline():
+        if _cached(source):
+            return True
+        raise ModelLoadError(f"could not load {source!r}: offline (HF_HUB_OFFLINE) and not in the local Hugging Face "
+                             f"cache. {_HELP}")
+    if _hub_reachable():
+        return False
+    if _cached(source):
+        return True
+    raise ModelLoadError(f"could not load {source!r}: cannot reach the Hugging Face hub and it is not in the local "
+                         f"cache. {_HELP}")
 
 
 def meta_model(config: Sam3Config | None = None) -> Sam3Model:

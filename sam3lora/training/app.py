@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -34,18 +38,107 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
 
 
+_SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _accepts(hint: Any, value: Any) -> bool | None:
+    """Whether ``value`` fits ``hint`` when the hint is made of int/float/bool/str/None only; None = not checked."""
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not arms or not all(arm in _SIMPLE for arm in arms):
+        return None
+    for arm in arms:
+        if arm is type(None) and value is None:
+            return True
+        if arm is bool and isinstance(value, bool):
+            return True
+        if arm is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if arm is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if arm is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _hints(target: Any) -> dict[str, Any]:
+    try:
+        obj = get_object(target) if isinstance(target, str) else target
+        return typing.get_type_hints(obj if dataclasses.is_dataclass(obj) else getattr(obj, "__init__", obj))
+    except Exception:  # unresolvable annotations (forward references...): no check
+        return {}
+
+
+def check_types(node: Any, key: str, hints: dict[str, Any] | None = None) -> None:
+    """Check each plain value of a config node against its target's type hints (int, float, bool, str and
+    optional ones); nested ``_target_`` nodes and dataclass-typed fields are checked too. Raises
+    :class:`ConfigError` naming the key, e.g. ``lora.rank: expected an integer, got 'abc'``."""
+    if not isinstance(node, DictConfig):
+        return
+    if hints is None:
+        hints = _hints(node.get("_target_")) if "_target_" in node else {}
+    for name in node:
+        name = str(name)
+        if name.startswith("_"):
+            continue
+        try:
+            if OmegaConf.is_missing(node, name):
+                continue
+            value = node[name]
+        except Exception:  # an interpolation that cannot resolve here: instantiate reports it
+            continue
+        hint = hints.get(name)
+        if isinstance(value, DictConfig):
+            if "_target_" in value:
+                check_types(value, f"{key}.{name}")
+            elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                check_types(value, f"{key}.{name}", _hints(hint))
+            continue
+        if hint is not None and _accepts(hint, value) is False:
+            wanted = " or ".join(_SIMPLE[a] for a in (typing.get_args(hint) or (hint,)))
+            raise ConfigError(f"{key}.{name}: expected {wanted}, got {value!r}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """:func:`check_types` over every group of the composed config, before anything is loaded or built."""
+    check_types(cfg.get("model"), "model", _hints(load_model))
+    for key in ("lora", "loss", "module", "data", "trainer"):
+        check_types(cfg.get(key), key)
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            check_types(node, f"{group}.{name}")
+
+
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that names the config key when the node's arguments are wrong."""
+    """``hydra.utils.instantiate`` that names the config key when the node's arguments are wrong (plain values
+    are type-checked first, see :func:`check_types`)."""
+    check_types(node, key)
     try:
         return instantiate(node, **kwargs)
     except Exception as err:  # Hydra wraps the target's TypeError/ValueError in InstantiationException
         cause = err.__cause__ or err
-        raise ConfigError(f"{key}: {cause}") from err
+        message = str(cause)
+        raise ConfigError(message if message.startswith(f"{key}.") else f"{key}: {message}") from err
+
+
+def run_job(cfg: DictConfig, prog: str = "sam3lora-train") -> float | None:
+    """:func:`run` as the CLI runs it: a user error (bad config value, data, model, adapter) is printed as one
+    line ``<prog>: error: ...`` on stderr and exits with status 2; ``HYDRA_FULL_ERROR=1`` re-raises it instead
+    (the full traceback)."""
+    from sam3lora.inference.errors import one_line, user_errors
+
+    try:
+        return run(cfg)
+    except (*user_errors(), ConfigError) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run one job of ``sam3lora-train``; returns ``cfg.optimized_metric`` of the best checkpoint (sweepers)."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_config(cfg)
     lora = build(cfg.lora, "lora")
     if cfg.dry_run:
         dry_run(cfg.model.name_or_path, lora, out_dir, seed=cfg.model.seed)
