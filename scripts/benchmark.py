@@ -82,7 +82,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 # axis name -> (CLI option, parser); the grid's order puts the model-building axes first, batch size last
 AXES: dict[str, tuple[str, ...]] = {
-    "train": ("preset", "base_dtype", "precision", "ckpt", "vision_cache", "text_cache", "mask_loss", "path",
+    "train": ("preset", "base_dtype", "precision", "ckpt", "vision_cache", "text_cache", "mask_loss", "o2m", "path",
               "prompts", "batch"),
     "predict": ("preset", "base_dtype", "precision", "text_cache", "merge", "path", "prompts", "batch"),
     "data": ("transforms", "workers", "batch"),
@@ -138,6 +138,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "presets with a frozen vision encoder only)")
     parser.add_argument("--text-cache", type=_list(_switch), default=[False], metavar="off,on")
     parser.add_argument("--mask-loss", type=_list(str), default=["full"], help="full | points (loss.mask_loss)")
+    parser.add_argument("--o2m", type=_list(_switch), default=[True], metavar="on,off",
+                        help="train: one-to-many (DAC) queries and their loss terms (loss.o2m.enabled)")
     parser.add_argument("--vision-path", type=_list(str), default=["shared"],
                         help="shared (one vision pass per image) | repeated (one per row: the naive path)")
     parser.add_argument("--merge", type=_list(_switch), default=[False], metavar="off,on",
@@ -204,7 +206,8 @@ def axis_values(args: argparse.Namespace) -> dict[str, list[Any]]:
     return {
         "preset": args.presets, "base_dtype": args.base_dtype, "precision": args.precision,
         "ckpt": args.activation_checkpointing, "vision_cache": args.vision_cache, "text_cache": args.text_cache,
-        "mask_loss": args.mask_loss, "path": args.vision_path, "prompts": args.prompts, "batch": args.batch_sizes,
+        "mask_loss": args.mask_loss, "o2m": args.o2m, "path": args.vision_path, "prompts": args.prompts,
+        "batch": args.batch_sizes,
         "merge": args.merge, "workers": args.workers, "transforms": args.transforms,
     }
 
@@ -286,14 +289,15 @@ class Models:
         self.module: Any = None
         self.criteria: dict[str, Any] = {}
 
-    def criterion(self, mask_loss: str) -> Any:
+    def criterion(self, mask_loss: str, o2m: bool = True) -> Any:
         from hydra.utils import instantiate
 
-        if mask_loss not in self.criteria:
+        if (mask_loss, o2m) not in self.criteria:
             cfg = OmegaConf.load(ROOT / "conf" / "loss" / "sam3.yaml")
             cfg.mask_loss = mask_loss
-            self.criteria[mask_loss] = instantiate(cfg)
-        return self.criteria[mask_loss]
+            cfg.o2m.enabled = o2m
+            self.criteria[mask_loss, o2m] = instantiate(cfg)
+        return self.criteria[mask_loss, o2m]
 
     def get(self, config: dict[str, Any]) -> Any:
         key = tuple(config[k] for k in MODEL_KEYS)
@@ -429,7 +433,7 @@ def run_model_config(models: Models, config: dict[str, Any], args: argparse.Name
     merged = False
     try:
         if train:
-            module.criterion = models.criterion(config["mask_loss"]).to(device)
+            module.criterion = models.criterion(config["mask_loss"], config["o2m"]).to(device)
             module.train()
             optimizer = torch.optim.AdamW(module.param_groups(), lr=1e-5)
 

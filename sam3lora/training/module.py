@@ -128,14 +128,9 @@ class Sam3LoRAModule(L.LightningModule):
         # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
         base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
-        # one-to-many (DAC) supervision: the decoder's inputs and the mask decoder's pixel embeddings feed the copy
-        self.use_dac = bool(getattr(criterion, "wants_o2m", False))
+        self._dac_ready = False
         if self.use_dac:
-            install_dac_hooks(base)
-            base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True)
-            base.get_submodule("mask_decoder.instance_projection").register_forward_hook(
-                self._capture("instance_embeds")
-            )
+            self._prepare_dac()  # a model that cannot run the DAC queries fails at build time
         self._checked_unused = False
         self.iou_dice = MatchedIoUDice(score_threshold=0.0)  # every matched query counts (see MetricSettings)
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
@@ -184,6 +179,21 @@ class Sam3LoRAModule(L.LightningModule):
     def base_model(self) -> nn.Module:
         return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
 
+    @property
+    def use_dac(self) -> bool:
+        """Whether training steps run the one-to-many (DAC) queries: the criterion's ``loss.o2m.enabled``."""
+        return bool(getattr(self.criterion, "wants_o2m", False))
+
+    def _prepare_dac(self) -> None:
+        """Hooks (once): the decoder's inputs and the mask decoder's pixel embeddings feed the DAC copy."""
+        if self._dac_ready:
+            return
+        base = self.base_model
+        install_dac_hooks(base)
+        base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True)
+        base.get_submodule("mask_decoder.instance_projection").register_forward_hook(self._capture("instance_embeds"))
+        self._dac_ready = True
+
     def _keep_decoder_inputs(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         if not kwargs.get(DAC_KWARG):
             self._captured["decoder_inputs"] = kwargs
@@ -223,6 +233,9 @@ class Sam3LoRAModule(L.LightningModule):
         return {"text_embeds": embeds}
 
     def _forward(self, batch: Sam3Batch) -> dict[str, Any]:
+        dac = self.use_dac and self.training  # the DAC copy exists in training steps only, as in the official model
+        if dac:
+            self._prepare_dac()
         vision = self._vision_features(batch)  # once per image
         idx = batch.image_index
         per_row = Sam3VisionEncoderOutput(
@@ -260,7 +273,7 @@ class Sam3LoRAModule(L.LightningModule):
             "semantic_seg": out.semantic_seg,
             "aux_outputs": aux,
         }
-        if self.use_dac and self.training:  # the DAC copy exists in training steps only, as in the official model
+        if dac:
             outputs["o2m"] = dac_outputs(
                 self.base_model, self._captured["decoder_inputs"], self._captured["instance_embeds"]
             )
