@@ -473,3 +473,103 @@ def test_bad_sample_in_a_worker_is_one_line_useful_first(
     assert code == 2 and "\n" not in stderr, stderr
     assert stderr.startswith(f"sam3lora-train: error: {root}/train/images/") and "image file not found" in stderr
     assert "data.on_bad_sample=skip" in stderr
+
+
+# ------------------------------------------------------------------------------------------ 5. images
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_truncated_images_are_refused_by_every_reader(tmp_path: Path) -> None:
+    """A truncated JPEG and PNG (which a lenient decoder fills with grey) are errors naming the file, in the
+    training reader and in prediction alike."""
+    import numpy as np
+    from PIL import Image
+
+    from sam3lora.data.images import ImageDecodeError, decode_image
+    from sam3lora.data.readers import BadSampleError, CocoReader, ImageRecord
+    from sam3lora.inference.errors import ImageReadError
+    from sam3lora.inference.images import read_image
+
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.png"):
+        path = tmp_path / name
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(path)
+        assert decode_image(path).shape == (64, 80, 3)
+        truncate(path)
+        with pytest.raises(ImageDecodeError, match="truncated") as info:
+            decode_image(path)
+        assert str(info.value).startswith(f"{path}: image file is truncated")
+        with pytest.raises(ImageReadError, match="truncated"):
+            read_image(path)
+        reader = CocoReader.__new__(CocoReader)  # load_image needs no annotation index
+        with pytest.raises(BadSampleError, match="truncated") as info:
+            reader.load_image(ImageRecord(id=1, path=path, width=80, height=64))
+        assert info.value.path == str(path)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sam3lora.data.images import decode_image, to_rgb8
+    from sam3lora.inference.images import read_image, to_pil
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32) * 16).astype(np.uint16).reshape(64, 64)  # 0 .. 65520
+    for name in ("g16.png", "g16.tif"):
+        path = tmp_path / name
+        Image.fromarray(ramp).save(path)
+        pixels = decode_image(path)
+        assert pixels.dtype == np.uint8 and pixels.shape == (64, 64, 3)
+        expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+        np.testing.assert_array_equal(pixels[..., 0], expected)
+        assert (pixels[..., 0] == pixels[..., 2]).all() and 100 < pixels.mean() < 155  # a ramp, not white
+        np.testing.assert_array_equal(np.asarray(read_image(path)), pixels)
+        with Image.open(path) as image:
+            np.testing.assert_array_equal(np.asarray(to_pil(image)), pixels)
+    eight_bit_wide = Image.fromarray(np.full((4, 4), 200, np.int32), "I")  # 8-bit data in a 32-bit mode
+    assert (to_rgb8(eight_bit_wide) == 200).all()
+
+
+def test_bad_images_under_skip_are_counted_once_each(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three bad training images (two of them neighbours, so the next-good-one replacement meets the second one
+    twice): skipped, and reported as 3."""
+    import logging
+
+    from sam3lora.model import load_model
+    from sam3lora.training.app import build
+
+    root = broken_copy(synthetic_root, tmp_path, {1: truncate, 2: Path.unlink, 4: truncate})
+    cfg = job_cfg(root, tmp_path, *SMALL, "data.on_bad_sample=skip")
+    dm = build(cfg.data, "data", processor=load_model("tiny")[1])
+    dm.setup("fit")
+    with caplog.at_level(logging.WARNING, logger="sam3lora.data.datamodule"):
+        batches = list(dm.train_dataloader())
+    assert sum(b.num_images for b in batches) == 6  # each bad image replaced by the next good one
+    assert dm.train_dataset.bad_count() == 3
+    assert "train split: skipped 3 bad sample(s) this epoch" in caplog.text
+    assert caplog.text.count("image file is truncated") == 2
+
+
+def test_duplicate_image_ids_are_an_error_naming_the_file(synthetic_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from sam3lora.data.coco import DataError, normalise_coco
+    from sam3lora.data.readers import CocoReader
+
+    root = tmp_path / "dup"
+    shutil.copytree(synthetic_root, root)
+    ann = root / "train" / "annotations.json"
+    data = json.loads(ann.read_text())
+    data["images"][3]["id"] = data["images"][1]["id"]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError) as info:
+        CocoReader(root, "train")
+    assert str(info.value) == f"{ann}: duplicate image id(s) [{data['images'][1]['id']}]"
+    with pytest.raises(DataError, match=r"duplicate image id\(s\)"):
+        normalise_coco(root, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()

@@ -84,6 +84,20 @@ def read_coco(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_unique_ids(data: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse duplicate image ids (a COCO index keeps one image and gives it the annotations of both): a
+    :class:`DataError` naming the file and the ids."""
+    seen: set[Any] = set()
+    duplicates: list[Any] = []
+    for image in data["images"]:
+        if image["id"] in seen and image["id"] not in duplicates:
+            duplicates.append(image["id"])
+        seen.add(image["id"])
+    if duplicates:
+        more = f" ({len(duplicates)} in all)" if len(duplicates) > 10 else ""
+        raise DataError(path, f"duplicate image id(s) {duplicates[:10]}{more}")
+
+
 def write_coco(data: Mapping[str, Any], path: str | Path) -> None:
     """Write a COCO dict as json, whole or not at all (temp file beside ``path`` + atomic rename)."""
     path = Path(path)
@@ -363,6 +377,8 @@ def normalise_coco(src: str | Path, out: str | Path, prompts: str | Path | Mappi
     else:
         prompt_map = read_prompts(prompts)
     datasets = {split: read_coco(ann) for split, (ann, _) in layout.items()}
+    for split, data in datasets.items():
+        check_unique_ids(data, layout[split][0])
 
     dummies = _dummy_categories(datasets)
     names: dict[int, str] = {}

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-from sam3lora.data.coco import DataError, annotation_to_mask, read_coco
+from sam3lora.data.coco import DataError, annotation_to_mask, check_unique_ids, read_coco
+from sam3lora.data.images import ImageDecodeError, decode_image
 
 
 class BadSampleError(DataError):
@@ -79,19 +79,18 @@ class DatasetReader(ABC):
         """Objects of ``image`` (crowd annotations excluded)."""
 
     def load_image(self, image: ImageRecord) -> np.ndarray:
-        """RGB uint8 ``(height, width, 3)``; EXIF orientation ignored (annotations use stored pixels)."""
-        if not image.path.is_file():
-            raise BadSampleError(image.path, "image file not found")
-        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-        pixels = cv2.imread(str(image.path), flags)
-        if pixels is None:
-            raise BadSampleError(image.path, "cannot decode image file")
+        """RGB uint8 ``(height, width, 3)`` decoded whole by :func:`sam3lora.data.images.decode_image` (truncated
+        files are bad samples, 16-bit images are scaled); EXIF orientation ignored (annotations use stored pixels)."""
+        try:
+            pixels = decode_image(image.path)
+        except ImageDecodeError as err:
+            raise BadSampleError(err.path, err.problem) from None
         if pixels.shape[:2] != (image.height, image.width):
             raise BadSampleError(
                 image.path,
                 f"image is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but annotated as {image.width}x{image.height}",
             )
-        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+        return pixels
 
 
 class CocoReader(DatasetReader):
@@ -102,6 +101,7 @@ class CocoReader(DatasetReader):
         self.annotation_file = self.root / split / "annotations.json"
         self.image_dir = self.root / split / "images"
         data = read_coco(self.annotation_file)  # DataError naming the file on a bad json
+        check_unique_ids(data, self.annotation_file)  # pycocotools would merge two images into one
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

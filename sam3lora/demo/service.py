@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from sam3lora.cli.predict import _slug, parse_box
+from sam3lora.data.images import to_rgb8
 from sam3lora.inference.draw import overlay
 from sam3lora.inference.errors import PredictorError
 from sam3lora.inference.images import ImageInput, to_pil
@@ -73,7 +74,7 @@ def check_upload(path: str | Path, limits: UploadLimits = DEFAULT_LIMITS, name: 
             width, height = im.size
             if max(width, height) <= limits.max_side:
                 im.load()
-                return im.convert("RGB")
+                return Image.fromarray(to_rgb8(im), "RGB")  # the readers' conversion: 16 bit scaled, not clipped
     except Image.DecompressionBombError:
         raise DemoError(f"{shown}: image has too many pixels to decode safely") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:

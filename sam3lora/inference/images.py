@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from sam3lora.data.images import ImageDecodeError, decode_image, to_rgb8
 from sam3lora.inference.errors import ImageReadError, PredictorError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -28,21 +29,16 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
 
     Raises ``ImageReadError`` naming the file when it is missing or cannot be decoded.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ImageReadError(str(p), "image file not found")
     try:
-        with Image.open(p) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(str(p), f"cannot decode image ({err})") from None
+        return Image.fromarray(decode_image(path), "RGB")  # the training readers' decoder: truncation, 16 bit
+    except ImageDecodeError as err:
+        raise ImageReadError(err.path, err.problem) from None
 
 
 def to_pil(image: ImageInput, index: int = 0) -> Image.Image:
     """PIL image, path or uint8 array (H,W,3) / (H,W) -> RGB PIL image."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return image if image.mode == "RGB" else Image.fromarray(to_rgb8(image), "RGB")  # 16 bit scaled, not clipped
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     if isinstance(image, np.ndarray):
