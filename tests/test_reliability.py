@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import lightning as L
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -573,3 +574,29 @@ def test_duplicate_image_ids_are_an_error_naming_the_file(synthetic_root: Path, 
     with pytest.raises(DataError, match=r"duplicate image id\(s\)"):
         normalise_coco(root, tmp_path / "converted")
     assert not (tmp_path / "converted").exists()
+
+
+# ------------------------------------------------------------------------------------------ 6. trainer flags
+
+
+def test_any_trainer_flag_works_without_a_plus(tmp_path: Path) -> None:
+    """``trainer.limit_train_batches=2`` (not in conf/trainer) composes as the README says: no ``+`` needed."""
+    import os
+    import subprocess
+    import sys
+
+    from sam3lora.cli.train import trainer_flags
+
+    assert trainer_flags(["trainer.limit_train_batches=2", "trainer.max_epochs=3", "+trainer.fast_dev_run=true",
+                          "trainer.strategy.find_unused_parameters=true", "lora=minimal", "trainer.bogus=1"]) == [
+        "++trainer.limit_train_batches=2", "++trainer.max_epochs=3", "+trainer.fast_dev_run=true",
+        "trainer.strategy.find_unused_parameters=true", "lora=minimal", "trainer.bogus=1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "-m", "sam3lora.cli.train", "trainer.limit_train_batches=2", "trainer.overfit_batches=1",
+         f"paths.root_dir={tmp_path}", "--cfg", "job"], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trainer = yaml.safe_load(result.stdout)["trainer"]
+    assert trainer["limit_train_batches"] == 2 and trainer["overfit_batches"] == 1
