@@ -600,3 +600,32 @@ def test_any_trainer_flag_works_without_a_plus(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     trainer = yaml.safe_load(result.stdout)["trainer"]
     assert trainer["limit_train_batches"] == 2 and trainer["overfit_batches"] == 1
+
+
+# ------------------------------------------------------------------------------------------ 6. the demo
+
+
+def test_demo_caps_prompts_and_boxes_and_removes_its_temporary_folder(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from sam3lora.demo.service import MAX_BOXES, MAX_PROMPTS, DemoError, DemoService
+
+    predictor = SimpleNamespace(adapters={}, merged=None)  # refused before any model runs
+    service = DemoService(predictor)  # type: ignore[arg-type]
+    image = Image.new("RGB", (64, 64))
+    many = ", ".join(f"thing {i}" for i in range(MAX_PROMPTS + 1))
+    with pytest.raises(DemoError, match=f"at most {MAX_PROMPTS} prompts"):
+        service.predict(image, many)
+    boxes = "\n".join("1,1,5,5" for _ in range(MAX_BOXES + 1))
+    with pytest.raises(DemoError, match=f"{MAX_BOXES} boxes per request"):
+        service.predict(image, "red circle", boxes)
+    own = service.out_root
+    assert own.is_dir()
+    service.close()
+    assert not own.exists()
+    given = tmp_path / "demo_out"
+    given.mkdir()
+    DemoService(predictor, out_root=given).close()  # type: ignore[arg-type]
+    assert given.is_dir()  # a folder the user named is never removed

@@ -9,6 +9,7 @@ message naming the problem; the app shows it in the page.
 from __future__ import annotations
 
 import argparse
+import atexit
 import re
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ BASE = "base"  # the label of the base model (no adapter); adapters may not use 
 ROW_HEADERS = ("model", "prompt", "instance", "score", "box x0,y0,x1,y1", "area px")
 MAX_INSTANCES = 50  # per model and prompt, best first (bounds mask memory at threshold 0)
 KEEP_RUNS = 8  # output folders kept on disk; Gradio copies the downloads into its own cache
+MAX_PROMPTS = 16  # text prompts per request: one request holds the only worker
+MAX_BOXES = 16  # exemplar boxes per request
 Progress = Callable[[float, str], None]
 
 
@@ -172,9 +175,17 @@ class DemoService:
         self.predictor = predictor
         base = [] if predictor.merged is not None else [(BASE, None)]
         self.models: list[tuple[str, str | None]] = base + [(name, name) for name in predictor.adapters]
+        self._owns_out_root = out_root is None
         self.out_root = Path(out_root or tempfile.mkdtemp(prefix="sam3lora-demo-"))
+        if self._owns_out_root:  # a temporary folder of its own: removed when the process ends
+            atexit.register(self.close)
         self.max_instances = max_instances
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Remove the output folder if this service made it (a temporary one); a given ``out_root`` is kept."""
+        if self._owns_out_root:
+            shutil.rmtree(self.out_root, ignore_errors=True)
 
     def _segment(self, image: Image.Image, texts: list[str], boxes: list[Any], threshold: float,
                  mask_threshold: float, adapter: str | None) -> list[PromptResult]:
@@ -205,6 +216,9 @@ class DemoService:
         """
         texts = parse_prompts(prompts) if isinstance(prompts, str) or prompts is None else list(prompts)
         box_list = parse_boxes(boxes) if isinstance(boxes, str) or boxes is None else [tuple(b) for b in boxes]
+        if len(texts) > MAX_PROMPTS or len(box_list) > MAX_BOXES:
+            raise DemoError(f"{len(texts)} prompt(s) and {len(box_list)} box(es): this demo takes at most "
+                            f"{MAX_PROMPTS} prompts and {MAX_BOXES} boxes per request")
         prompt_list = make_prompts(texts or None, box_list or None)  # validates before any model runs
         if not (0.0 <= threshold <= 1.0 and 0.0 <= mask_threshold <= 1.0):
             raise DemoError(f"thresholds must be in [0, 1], got {threshold} and {mask_threshold}")
