@@ -481,31 +481,31 @@ class Sam3Criterion(nn.Module):
             terms["loss_presence"] = self.loss_presence(outputs, targets)
         return terms
 
-    def _o2m_terms(
+    def _query_set_terms(
         self,
-        o2m_out: Mapping[str, Any],
+        out: Mapping[str, Any],
         targets: list[dict[str, Tensor]],
+        indices: MatchIndices,
+        aux_matcher: Callable[..., MatchIndices],
         num_boxes: Tensor,
         num_masks: Tensor,
+        *,
+        presence: bool,
+        scale: float = 1.0,
+        suffix: str = "",
     ) -> dict[str, Tensor]:
-        """Weighted terms of the DAC queries: final layer (``_o2m``) and aux layers (``_aux{i}_o2m``).
-
-        The final layer is matched one-to-many; aux layers one-to-many or one-to-one (``o2m.matcher_on_aux``).
-        """
-        assert self.o2m is not None
-        scale = self.o2m.weight
-        indices = self.o2m.matcher(o2m_out["pred_logits"], o2m_out["pred_boxes"], targets)
-        raw = self._layer_terms(o2m_out, targets, indices, num_boxes, presence=False)
-        if self._wants("loss_mask", "loss_dice") and o2m_out.get("pred_masks") is not None:
-            raw.update(self.loss_masks(o2m_out, targets, indices, num_masks))
-        weighted = {f"{k}_o2m": v * self.weight_dict[k] * scale for k, v in raw.items() if self.weight_dict[k] != 0}
+        """Weighted terms of one query set: the final layer's (box, ce, presence, masks; key + ``suffix``) and,
+        with ``aux_loss``, every aux layer's box/ce/presence terms (``_aux{i}`` + ``suffix``, ``aux_matcher``)."""
+        raw = self._layer_terms(out, targets, indices, num_boxes, presence=presence)
+        if self._wants("loss_mask", "loss_dice") and out.get("pred_masks") is not None:
+            raw.update(self.loss_masks(out, targets, indices, num_masks))
+        weighted = {f"{k}{suffix}": v * self.weight_dict[k] * scale for k, v in raw.items() if self.weight_dict[k] != 0}
         if self.aux_loss:
-            aux_matcher = self.o2m.matcher if self.o2m.matcher_on_aux else self.matcher
-            for i, aux in enumerate(o2m_out.get("aux_outputs") or []):
+            for i, aux in enumerate(out.get("aux_outputs") or []):
                 aux_indices = aux_matcher(aux["pred_logits"], aux["pred_boxes"], targets)
-                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes, presence=False).items():
+                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes, presence=presence).items():
                     if self.weight_dict[k] != 0:
-                        weighted[f"{k}_aux{i}_o2m"] = v * self.weight_dict[k] * scale
+                        weighted[f"{k}_aux{i}{suffix}"] = v * self.weight_dict[k] * scale
         return weighted
 
     def forward(
@@ -536,27 +536,25 @@ class Sam3Criterion(nn.Module):
         if self.mask_normalization == "boxes":
             num_masks = num_boxes
 
-        raw = self._layer_terms(outputs, targets, indices, num_boxes)
-        if self._wants("loss_mask", "loss_dice") and outputs.get("pred_masks") is not None:
-            raw.update(self.loss_masks(outputs, targets, indices, num_masks))
+        weighted = self._query_set_terms(outputs, targets, indices, self.matcher, num_boxes, num_masks, presence=True)
         if (
             self._wants("loss_semantic_focal", "loss_semantic_dice")
             and outputs.get("semantic_seg") is not None
         ):
-            raw.update(self.loss_semantic(outputs, targets))
-        weighted = {k: v * self.weight_dict[k] for k, v in raw.items() if self.weight_dict[k] != 0}
+            semantic = self.loss_semantic(outputs, targets)
+            weighted.update({k: v * self.weight_dict[k] for k, v in semantic.items() if self.weight_dict[k] != 0})
         for name, fn in self.extra_terms.items():
             if self.weight_dict[name] != 0:
                 weighted[name] = fn(outputs, targets, indices) * self.weight_dict[name]
-
-        if self.aux_loss:
-            for i, aux in enumerate(outputs.get("aux_outputs") or []):
-                aux_indices = self.matcher(aux["pred_logits"], aux["pred_boxes"], targets)
-                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes).items():
-                    if self.weight_dict[k] != 0:
-                        weighted[f"{k}_aux{i}"] = v * self.weight_dict[k]
-        if self.o2m is not None and outputs.get("o2m") is not None:
-            weighted.update(self._o2m_terms(outputs["o2m"], targets, num_boxes, num_masks))
+        o2m_out = outputs.get("o2m")
+        if self.o2m is not None and o2m_out is not None:
+            # DAC queries: final layer matched one-to-many, aux layers as o2m.matcher_on_aux says; no presence
+            o2m_indices = self.o2m.matcher(o2m_out["pred_logits"], o2m_out["pred_boxes"], targets)
+            aux_matcher = self.o2m.matcher if self.o2m.matcher_on_aux else self.matcher
+            weighted.update(self._query_set_terms(
+                o2m_out, targets, o2m_indices, aux_matcher, num_boxes, num_masks,
+                presence=False, scale=self.o2m.weight, suffix="_o2m",
+            ))
 
         total = torch.stack([v.float().reshape(()) for v in weighted.values()]).sum() if weighted else None
         if total is None:
