@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torchmetrics import Metric
 from torchvision.ops import box_convert
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -130,16 +131,18 @@ def matched_iou_dice(
     return iou, dice
 
 
-class MatchedIoUDice:
-    """Mean matched-instance IoU and Dice over a dataset (see ``matched_iou_dice`` for what counts)."""
+class MatchedIoUDice(Metric):
+    """Mean matched-instance IoU and Dice over a dataset (see ``matched_iou_dice`` for what counts).
 
-    def __init__(self, score_threshold: float = 0.5) -> None:
+    State (summed over DDP processes by torchmetrics): ``sums`` = (IoU sum, Dice sum, instance count), float64.
+    """
+
+    full_state_update = False
+
+    def __init__(self, score_threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.score_threshold = score_threshold
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self.sums = np.zeros(3, dtype=np.float64)  # iou sum, dice sum, instance count
+        self.add_state("sums", default=torch.zeros(3, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -151,33 +154,15 @@ class MatchedIoUDice:
     ) -> None:
         """Add one (image, prompt) pair; arguments as ``matched_iou_dice``."""
         iou, dice = matched_iou_dice(pred_masks, scores, gt_masks, self.score_threshold, indices, gt_valid)
-        self.sums += np.array([float(iou.sum()), float(dice.sum()), len(iou)])
-
-    def all_reduce(self) -> None:
-        """Sum the state over DDP processes (no-op outside torch.distributed)."""
-        self.sums = _all_reduce_sum(self.sums)
+        self.sums += torch.stack([iou.sum(), dice.sum(), iou.new_tensor(float(len(iou)))]).to(self.sums)
 
     def compute(self) -> dict[str, float]:
         """``{"iou": mean, "dice": mean, "num_instances": n}``; means are 0 when no GT instance was seen."""
-        n = self.sums[2]
-        return {
-            "iou": float(self.sums[0] / n) if n else 0.0,
-            "dice": float(self.sums[1] / n) if n else 0.0,
-            "num_instances": float(n),
-        }
+        iou_sum, dice_sum, n = (float(x) for x in self.sums)
+        return {"iou": iou_sum / n if n else 0.0, "dice": dice_sum / n if n else 0.0, "num_instances": n}
 
 
-def _all_reduce_sum(values: np.ndarray) -> np.ndarray:
-    """Sum a float64/int64 array over DDP processes (returned unchanged outside torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    t = torch.as_tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.cpu().numpy().astype(values.dtype)
-
-
-class CgF1Accumulator:
+class CgF1Accumulator(Metric):
     """SAM 3's classification-gated F1 over (image, prompt) pairs, computed as ``sam3/eval/cgf1_eval.py``.
 
     Per pair: predictions with score >= ``score_threshold`` are kept and Hungarian-matched to the GT masks on
@@ -196,20 +181,22 @@ class CgF1Accumulator:
     on every image) for a meaningful cgF1. tests/test_oracle_metrics.py compares against the official code.
 
     Returned scale as in the paper (cgF1 54.1, IL_MCC 0.82, pmF1 66.1): cgF1, pmF1 x100; IL_MCC in [-1, 1].
+    State (int64 counts, summed over DDP processes by torchmetrics): ``il`` (IL_TP, IL_FP, IL_TN, IL_FN) and, per
+    IoU threshold, ``tp``, ``fp`` (pairs with GT and predictions only) and ``fn``.
     """
 
-    def __init__(self, score_threshold: float = 0.5, iou_thresholds: Sequence[float] = tuple(IOU_THRESHOLDS)):
+    full_state_update = False
+
+    def __init__(
+        self, score_threshold: float = 0.5, iou_thresholds: Sequence[float] = tuple(IOU_THRESHOLDS), **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
         self.score_threshold = score_threshold
         self.iou_thresholds = np.asarray(iou_thresholds, dtype=np.float64)
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything seen so far."""
         k = len(self.iou_thresholds)
-        self.il = np.zeros(4, dtype=np.int64)  # IL_TP, IL_FP, IL_TN, IL_FN
-        self.tp = np.zeros(k, dtype=np.int64)
-        self.fp = np.zeros(k, dtype=np.int64)  # only on pairs with GT and predictions
-        self.fn = np.zeros(k, dtype=np.int64)
+        self.add_state("il", default=torch.zeros(4, dtype=torch.int64), dist_reduce_fx="sum")
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, default=torch.zeros(k, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred_masks: Tensor, scores: Tensor, gt_masks: Tensor) -> None:
         """Add one (image, prompt) pair: pred_masks (P,H,W) bool, scores (P,), gt_masks (G,H,W) bool.
@@ -231,36 +218,27 @@ class CgF1Accumulator:
         ious = mask_iou(kept, gt_masks).cpu().numpy()
         qi, ti = linear_sum_assignment(-ious)
         matched = ious[qi, ti]
-        tp = (matched[None, :] >= self.iou_thresholds[:, None]).sum(1)
+        tp = torch.as_tensor((matched[None, :] >= self.iou_thresholds[:, None]).sum(1), device=self.tp.device)
         self.tp += tp
         self.fp += num_dt - tp
         self.fn += num_gt - tp
 
-    def all_reduce(self) -> None:
-        """Sum the counts over DDP processes (no-op outside torch.distributed)."""
-        merged = _all_reduce_sum(np.concatenate([self.il, self.tp, self.fp, self.fn]))
-        k = len(self.iou_thresholds)
-        self.il, self.tp, self.fp, self.fn = (
-            merged[:4],
-            merged[4 : 4 + k],
-            merged[4 + k : 4 + 2 * k],
-            merged[4 + 2 * k :],
-        )
-
     def il_mcc(self) -> float:
         """Matthews correlation of "pair has GT" vs "pair has predictions" (official +1e-6 in the denominator)."""
-        tp, fp, tn, fn = (float(x) for x in self.il)
+        tp, fp, tn, fn = (float(x) for x in self.il.tolist())
         return (tp * tn - fp * fn) / (float(np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))) + 1e-6)
 
     def pm_f1_per_threshold(self) -> np.ndarray:
         """Positive micro F1 at each IoU threshold, in [0, 1] (official epsilons)."""
-        precision = self.tp / (self.tp + self.fp + 1e-4)
-        recall = self.tp / (self.tp + self.fn + 1e-4)
+        tp, fp, fn = (x.cpu().numpy().astype(np.float64) for x in (self.tp, self.fp, self.fn))
+        precision = tp / (tp + fp + 1e-4)
+        recall = tp / (tp + fn + 1e-4)
         return 2 * precision * recall / (precision + recall + 1e-4)
 
     def compute(self) -> dict[str, float]:
         """``{"cgF1": x100, "IL_MCC": [-1,1], "pmF1": x100, "num_pairs": n}``; all 0 before any update."""
-        if self.il.sum() == 0:
+        pairs = float(self.il.sum())
+        if pairs == 0:
             return {"cgF1": 0.0, "IL_MCC": 0.0, "pmF1": 0.0, "num_pairs": 0.0}
         mcc = self.il_mcc()
         pm = self.pm_f1_per_threshold()
@@ -270,7 +248,7 @@ class CgF1Accumulator:
             "cgF1": float(100.0 * gated.mean()) if len(gated) else -100.0,
             "IL_MCC": float(mcc),
             "pmF1": float(100.0 * pm.mean()),
-            "num_pairs": float(self.il.sum()),
+            "num_pairs": pairs,
         }
 
 

@@ -48,6 +48,16 @@ class RankProbe(L.Callback):
         self.record["steps"].append(trainer.global_step)
         self.record["images"] += batch.image_ids.tolist()
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # the torchmetrics states stay per rank; compute() (cached from the epoch end) is their sum over ranks
+        self.record["val"] = {k: float(trainer.callback_metrics[k]) for k in ("val/iou", "val/dice", "val/cgF1")}
+        self.record["local_pairs"] = float(pl_module.cgf1.il.sum())
+        self.record["pairs"] = pl_module.cgf1.compute()["num_pairs"]
+        self.record["local_instances"] = float(pl_module.iou_dice.sums[2])
+        self.record["instances"] = pl_module.iou_dice.compute()["num_instances"]
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record.update(
             end=self.weights_hash(pl_module),
@@ -87,6 +97,10 @@ def test_ddp_on_cpu_trains_on_both_ranks_and_writes_an_adapter(tmp_path: Path) -
     assert not seen[0] & seen[1] and seen[0] | seen[1] <= train_ids  # the distributed sampler split the images
     assert ranks[0]["start"] == ranks[1]["start"]  # same initial adapters
     assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]  # trained, and kept in sync by all-reduce
+    # validation metrics are reduced over both ranks' pairs (torchmetrics states, dist_reduce_fx="sum")
+    assert ranks[0]["val"] == ranks[1]["val"]
+    assert ranks[0]["pairs"] == ranks[1]["pairs"] == ranks[0]["local_pairs"] + ranks[1]["local_pairs"]
+    assert ranks[0]["instances"] == ranks[0]["local_instances"] + ranks[1]["local_instances"] > 0
 
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

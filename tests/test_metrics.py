@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchmetrics
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchmetrics.utilities.data import dim_zero_sum
 
 from sam3lora.metrics import (
     CgF1Accumulator,
@@ -88,7 +90,6 @@ def test_matched_iou_dice_with_and_without_indices() -> None:
     acc.update(preds, scores, gts)
     acc.update(stack(), torch.zeros(0), stack(g0))  # missed instance counts 0
     acc.update(stack(p0), torch.tensor([0.9]), stack())  # no GT: nothing counted
-    acc.all_reduce()
     out = acc.compute()
     assert out["num_instances"] == 4
     assert out["iou"] == pytest.approx(1.5 / 4) and out["dice"] == pytest.approx((2 / 3 + 1) / 4)
@@ -163,8 +164,9 @@ def test_cgf1_mixed_hand_computed() -> None:
     assert out["IL_MCC"] == pytest.approx(mcc, rel=1e-5)  # official epsilons: 1e-6 / 1e-4 in the denominators
     assert out["pmF1"] == pytest.approx(100 * pm, rel=1e-3)  # small counts: the 1e-4 epsilons show
     assert out["cgF1"] == pytest.approx(100 * pm * mcc, rel=1e-3)
-    acc.all_reduce()  # no process group: unchanged
     assert acc.compute() == out
+    assert isinstance(acc, torchmetrics.Metric) and acc._reductions == {"il": dim_zero_sum, "tp": dim_zero_sum,
+                                                                           "fp": dim_zero_sum, "fn": dim_zero_sum}
     acc.reset()
     assert acc.compute()["num_pairs"] == 0
 

@@ -372,9 +372,7 @@ class Sam3LoRAModule(L.LightningModule):
                 )
 
     def on_validation_epoch_end(self) -> None:
-        self.iou_dice.all_reduce()
-        self.cgf1.all_reduce()
-        iou = self.iou_dice.compute()
+        iou = self.iou_dice.compute()  # torchmetrics sums the states over DDP processes
         cg = self.cgf1.compute()
         metrics = {"val/iou": iou["iou"], "val/dice": iou["dice"]}
         metrics.update({f"val/{k}": v for k, v in cg.items()})
