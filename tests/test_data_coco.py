@@ -19,6 +19,7 @@ from sam3lora.data.coco import (
     output_dir,
     read_coco,
 )
+from sam3lora.data.validate import DatasetProblems
 
 W, H = 64, 48
 
@@ -132,7 +133,7 @@ def test_roboflow_dummy_category_dropped_and_crowd_kept(tmp_path: Path) -> None:
     make_coco(tmp_path / "src", "roboflow", ("polygon",), roboflow_dummy=True, crowd=True)
     with pytest.warns(DataWarning, match="dropping category 0 'animals'"):
         out = normalise_coco(tmp_path / "src", tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == [".sam3lora-converted", "train", "val"]
     data = json.loads((out / "train" / "annotations.json").read_text())
     assert [c["name"] for c in data["categories"]] == ["cat", "dog"]
     assert sum(a["iscrowd"] for a in data["annotations"]) == 2
@@ -172,7 +173,7 @@ def test_read_coco_errors_name_the_file(tmp_path: Path, text: str, match: str) -
 def test_missing_image_leaves_no_output(tmp_path: Path) -> None:
     make_coco(tmp_path / "src", "roboflow", ("polygon",))
     (tmp_path / "src" / "valid" / "val_1.jpg").unlink()
-    with pytest.raises(DataError, match="val_1.jpg not found"):
+    with pytest.raises(DatasetProblems, match=r"val_1\.jpg \[id 11\]: image file not found"):
         normalise_coco(tmp_path / "src", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
@@ -192,3 +193,23 @@ def test_output_dir_is_whole_or_nothing(tmp_path: Path) -> None:
     assert [p.name for p in target.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["t"]
     with pytest.raises(DataError, match="must not overlap"):
         normalise_coco(tmp_path, target, overwrite=True)
+
+
+def test_convert_refuses_with_every_problem_and_writes_nothing(tmp_path: Path) -> None:
+    """Unknown category, box outside the image, truncated JPEG: each one an issue naming its file and id."""
+    make_coco(tmp_path / "src", "roboflow", ("polygon",))
+    ann_file = tmp_path / "src" / "train" / "_annotations.coco.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"][0]["category_id"] = 42
+    data["annotations"][4]["bbox"] = [50.0, 40.0, 30.0, 20.0]
+    ann_file.write_text(json.dumps(data))
+    jpg = tmp_path / "src" / "valid" / "val_0.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
+    with pytest.raises(DatasetProblems) as err:
+        normalise_coco(tmp_path / "src", tmp_path / "out")
+    got = sorted((i.split, Path(i.file).name, i.id, i.message.split(" (")[0]) for i in err.value.issues)
+    assert got == [("train", "_annotations.coco.json", 100, "unknown category id 42"),
+                   ("train", "_annotations.coco.json", 111, "box [50.0, 40.0, 30.0, 20.0] outside the 64x48 image"),
+                   ("val", "val_0.jpg", 10, "image file is truncated")]
+    assert err.value.path == str(tmp_path / "src") and "3 problem(s)" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -53,7 +53,14 @@ def _missing_image(d: dict, root: Path) -> None:
 
 
 def _unreadable(d: dict, root: Path) -> None:
-    (root / "train" / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "train" / "images" / "a.png").write_bytes(b"not an image at all")
+
+
+def _truncated(d: dict, root: Path) -> None:
+    """A PNG cut in half: its header (and so its size) reads fine, only a whole decode finds it."""
+    path = root / "train" / "images" / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (S, S, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _size(d: dict, root: Path) -> None:
@@ -69,9 +76,10 @@ def _dup(key: str) -> Callable[[dict, Path], None]:
 
 
 CASES = [
-    (_missing_image, "a.png", "missing image"),
-    (_unreadable, "a.png", "unreadable image"),
-    (_size, "a.png", "image is 32x32 but the json says 40x32"),
+    (_missing_image, "a.png", "image file not found"),
+    (_unreadable, "a.png", "cannot decode image file"),
+    (_truncated, "a.png", "image file is truncated"),
+    (_size, "a.png", "image is 32x32 but the annotations say 40x32"),
     (_ann(segmentation=[[1.0, 1.0, 5.0, 5.0]]), "annotations.json", "degenerate polygon 0: 4 coordinates"),
     (_ann(segmentation=[[1.0, 1.0, 5.0, 5.0, 9.0, 9.0]]), "annotations.json", "degenerate polygon 0: zero area"),
     (_ann(bbox=[4, 4, 0, 16]), "annotations.json", "degenerate box"),
@@ -80,9 +88,9 @@ CASES = [
     (_ann(bbox=[20, 20, 14, 10]), "annotations.json", "box [20, 20, 14, 10] outside"),
     (_ann(category_id=9), "annotations.json", "unknown category id 9"),
     (_ann(image_id=77), "annotations.json", "missing image id 77"),
-    (_dup("images"), "annotations.json", "duplicate image id 1"),
-    (_dup("annotations"), "annotations.json", "duplicate annotation id 1"),
-    (_dup("categories"), "annotations.json", "duplicate category id 1"),
+    (_dup("images"), "annotations.json", "duplicate image id(s) [1]"),
+    (_dup("annotations"), "annotations.json", "duplicate annotation id(s) [1]"),
+    (_dup("categories"), "annotations.json", "duplicate category id(s) [1]"),
     (_ann(segmentation={"size": [S, S], "counts": [5, 3]}), "annotations.json", "bad segmentation"),
 ]
 
@@ -160,3 +168,51 @@ def test_stats_agree_with_validate_counts(tmp_path: Path) -> None:
             assert r.images == len({a["image_id"] for a in anns}) and r.box_only == 0
             want = np.mean([a["area"] / 64 ** 2 for a in anns]) if anns else 0.0
             assert r.mean_area_fraction == pytest.approx(want)
+
+
+def _roboflow_export(root: Path) -> None:
+    """Roboflow COCO export: ``train/`` and ``valid/`` each holding ``_annotations.coco.json`` beside the images."""
+    for disk in ("train", "valid"):
+        (root / disk).mkdir(parents=True)
+        for name in ("a.png", "b.png"):
+            Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(root / disk / name)
+        (root / disk / "_annotations.coco.json").write_text(json.dumps(_base()))
+
+
+def test_roboflow_export_is_validated_and_every_problem_listed(tmp_path: Path) -> None:
+    root = tmp_path / "rf"
+    _roboflow_export(root)
+    report = validate_dataset(root)
+    assert report.ok and report.layout == "coco" and set(report.counts) == {"train", "val"}
+    data = _base()
+    data["annotations"][0]["category_id"] = 9
+    data["annotations"][1]["bbox"] = [20, 20, 30, 30]
+    (root / "valid" / "_annotations.coco.json").write_text(json.dumps(data))
+    (root / "train" / "b.png").unlink()
+    report = validate_dataset(root)
+    ann = str(root / "valid" / "_annotations.coco.json")
+    assert sorted((e.split, e.file, e.id, e.message) for e in report.errors) == [
+        ("train", str(root / "train" / "b.png"), 2, "image file not found"),
+        ("val", ann, 1, "unknown category id 9"),
+        ("val", ann, 2, "box [20, 20, 30, 30] outside the 32x32 image"),
+    ]
+    assert [e.sample for e in sorted(report.errors, key=lambda e: (e.split, e.id))] == [2, 1, 2]
+
+
+def test_yolo_dataset_is_validated(tmp_path: Path) -> None:
+    import yaml
+
+    root = tmp_path / "yolo"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(root / "images" / split / "a.jpg")
+        (root / "labels" / split / "a.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (root / "data.yaml").write_text(yaml.safe_dump({"names": ["cat"]}))
+    report = validate_dataset(root)
+    assert report.ok and report.layout == "yolo" and report.counts["val"].box_only == 1
+    (root / "labels" / "val" / "a.txt").write_text("0 0.5 0.5 0.25 0.25\n3 0.5 0.5 0.25 0.25\n")
+    (root / "labels" / "train" / "lost.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    report = validate_dataset(root)
+    assert sorted(e.file for e in report.errors) == [str(root / "labels" / "train" / "lost.txt"),
+                                                     f"{root / 'labels' / 'val' / 'a.txt'}:2"]

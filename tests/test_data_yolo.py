@@ -12,6 +12,7 @@ from matplotlib.path import Path as MplPath
 from PIL import Image
 
 from sam3lora.data.coco import DataError, annotation_to_mask
+from sam3lora.data.validate import DatasetProblems
 from sam3lora.data.yolo import yolo_to_coco
 
 NAMES = ["cat", "dog", "traffic light"]
@@ -148,9 +149,25 @@ def test_malformed_label_names_file_and_line(tmp_path: Path, line: str, match: s
     make_yolo(tmp_path / "src", "images_first", "list", "det", True)
     label = tmp_path / "src" / "labels" / "train" / "img0.txt"
     label.write_text("0 0.5 0.5 0.2 0.2\n\n" + line + "\n")
-    with pytest.raises(DataError, match=match) as err:
+    with pytest.raises(DatasetProblems, match=match) as err:
         yolo_to_coco(tmp_path / "src", tmp_path / "out")
-    assert err.value.path == f"{label}:3"
+    assert [i.file for i in err.value.issues] == [f"{label}:3"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_bad_line_and_orphan_label_is_reported(tmp_path: Path) -> None:
+    """Bad lines in two files and a label file with no image: all listed at once, nothing written."""
+    make_yolo(tmp_path / "src", "images_first", "list", "det", True)
+    labels = tmp_path / "src" / "labels"
+    (labels / "train" / "img0.txt").write_text("9 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n0 x 0.5 0.2 0.2\n")
+    (labels / "val" / "img0.txt").write_text("0 0.5 0.5 0 0.2\n")
+    (labels / "val" / "nobody.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(DatasetProblems) as err:
+        yolo_to_coco(tmp_path / "src", tmp_path / "out")
+    assert [(i.split, i.file) for i in err.value.issues] == [
+        ("train", f"{labels / 'train' / 'img0.txt'}:1"), ("train", f"{labels / 'train' / 'img0.txt'}:3"),
+        ("val", f"{labels / 'val' / 'img0.txt'}:1"), ("val", str(labels / "val" / "nobody.txt"))]
+    assert "label file has no image" in err.value.issues[-1].message
     assert not (tmp_path / "out").exists()
 
 

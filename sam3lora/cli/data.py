@@ -5,10 +5,13 @@ Subcommands::
     sam3lora-data synthetic --out DIR [--train N --val M --size PX --seed S --categories "red circle,..."]
                             [--overwrite]
     sam3lora-data convert --from {yolo,coco} --src DIR --out DIR [--prompts FILE] [--overwrite]
-    sam3lora-data validate DIR          # exit 1 on errors, 0 with warnings only
+    sam3lora-data validate DIR [--from {auto,coco,yolo}]   # any layout convert reads; exit 1 on errors
     sam3lora-data stats DIR [--png FILE]
 
-User errors print one line ``error: <file>: <problem>`` and exit 2; data warnings print ``warning: ...``.
+User errors print one line ``error: <file>: <problem>`` and exit 2; data that ``convert`` refuses prints one line
+per problem (``error: <split>: <file> [id N]: <problem>``), then ``error: <src>: <summary>``, and exits 2 with
+nothing written. Data warnings print ``warning: ...``. ``convert --overwrite`` replaces only a directory sam3lora
+wrote (it holds ``.sam3lora-converted`` or ``.sam3lora-synthetic``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from sam3lora.data.validate import print_report, validate_dataset
 
-    report = validate_dataset(args.dir)
+    report = validate_dataset(args.dir, args.source_format)
     print_report(report, Console(soft_wrap=True))
     return 0 if report.ok else 1
 
@@ -87,11 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--src", required=True, help="source dataset directory (YOLO: folder with data.yaml)")
     c.add_argument("--out", required=True, help="output dataset directory")
     c.add_argument("--prompts", help="prompts.yaml: category name -> prompt or list of prompts (coco only)")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an --out written by an earlier convert (never any other directory)")
     c.set_defaults(func=_convert)
 
-    v = sub.add_parser("validate", help="check a dataset; exit 1 on errors")
-    v.add_argument("dir")
+    v = sub.add_parser("validate", help="check a dataset in any layout convert reads; exit 1 on errors")
+    v.add_argument("dir", help="converted set, Roboflow or classic COCO export, or YOLO folder (data.yaml)")
+    v.add_argument("--from", dest="source_format", default="auto", choices=("auto", "coco", "yolo"),
+                   help="dataset format (default: COCO json files if any, else data.yaml)")
     v.set_defaults(func=_validate)
 
     t = sub.add_parser("stats", help="per-category statistics; --png draws example images with masks")
@@ -109,7 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code = args.func(args)
         except DataError as e:
-            print(f"error: {e.path}: {e.problem}", file=sys.stderr)
+            issues = getattr(e, "issues", None)
+            if issues is not None:  # DatasetProblems: one line per problem, then the verdict
+                for issue in issues:
+                    print(f"error: {issue}", file=sys.stderr)
+                print(f"error: {e.path}: {getattr(e, 'summary', e.problem)}", file=sys.stderr)
+            else:
+                print(f"error: {e.path}: {e.problem}", file=sys.stderr)
             code = 2
         finally:
             for w in caught:

@@ -133,6 +133,33 @@ def check_not_nested(src: str | Path, out: str | Path) -> None:
         raise DataError(out, f"output directory must not overlap the input directory {src}")
 
 
+CONVERTED_MARKER = ".sam3lora-converted"  # written into every converted set: only sets sam3lora wrote are replaced
+OWN_MARKERS = (CONVERTED_MARKER, ".sam3lora-synthetic")
+
+
+def check_replaceable(out: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty ``out`` unless sam3lora wrote it (it holds :data:`CONVERTED_MARKER` or the synthetic
+    writer's marker) and ``overwrite`` is given: any other directory is never replaced, whatever the flags."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not any((out / m).is_file() for m in OWN_MARKERS):
+        raise DataError(out, f"output directory is not empty and was not written by sam3lora (no {CONVERTED_MARKER} "
+                             "file): it is never replaced; choose another directory")
+    if not overwrite:
+        raise DataError(out, "output directory is not empty: a set converted earlier "
+                             "(pass overwrite / --overwrite to replace it)")
+    return out
+
+
+def write_marker(directory: Path, source_format: str, source: str | Path) -> None:
+    """Write :data:`CONVERTED_MARKER` into a converted set (its format and source)."""
+    record = {"written_by": "sam3lora-data convert", "format": source_format, "source": str(source)}
+    (directory / CONVERTED_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 @contextlib.contextmanager
 def output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """``sam3lora.io.atomic_dir`` after ``check_output_dir`` (whose errors name the directory)."""
@@ -359,35 +386,42 @@ def normalise_coco(src: str | Path, out: str | Path, prompts: str | Path | Mappi
                    overwrite: bool = False) -> Path:
     """Convert a COCO dataset (Roboflow or classic layout) to the canonical layout; return ``out``.
 
-    Splits: train, val (``valid`` -> ``val``), test. Images are copied (never moved), keeping their
-    relative ``file_name``. Segmentations are kept as they are (polygons, or RLE compressed or not) so
-    the masks are identical to the source; empty ones become box-only (``box_only: true``). Crowd
-    annotations are kept with ``iscrowd: 1`` (readers skip them). Roboflow's annotation-less dummy
-    supercategory is dropped with a :class:`DataWarning`. ``prompts`` (a yaml path or a mapping
-    ``name -> str | [str]``) is stored in ``categories[].prompts``; an unknown name is a DataError.
+    Splits: train, val (``valid`` -> ``val``), test. Every check of ``sam3lora-data validate`` runs first (each
+    image decoded whole): any error (unknown category, box outside the image, truncated image, duplicate ids, ...)
+    refuses the conversion with all of them (:class:`~sam3lora.data.validate.DatasetProblems`) and writes nothing.
+    Images are copied (never moved), keeping their relative ``file_name``. Segmentations are kept as they are
+    (polygons, or RLE compressed or not) so the masks are identical to the source; empty ones become box-only
+    (``box_only: true``). Crowd annotations are kept with ``iscrowd: 1`` (readers skip them). Roboflow's
+    annotation-less dummy supercategory is dropped with a :class:`DataWarning`. ``prompts`` (a yaml path or a
+    mapping ``name -> str | [str]``) is stored in ``categories[].prompts``; an unknown name is a DataError.
+    ``out`` is written whole with the :data:`CONVERTED_MARKER` file; a non-empty ``out`` is replaced only with
+    ``overwrite`` and only when sam3lora wrote it.
     """
+    from sam3lora.data.validate import DatasetProblems, Issue, coco_sources, validate_sources
+
     src, out = Path(src), Path(out)
     check_not_nested(src, out)
-    check_output_dir(out, overwrite)
-    layout = find_coco_splits(src)
+    check_replaceable(out, overwrite)
+    sources = coco_sources(src)
     if prompts is None:
         prompt_map: dict[str, list[str]] = {}
     elif isinstance(prompts, Mapping):
         prompt_map = {str(k): [v] if isinstance(v, str) else list(v) for k, v in prompts.items()}
     else:
         prompt_map = read_prompts(prompts)
-    datasets = {split: read_coco(ann) for split, (ann, _) in layout.items()}
-    for split, data in datasets.items():
-        check_unique_ids(data, layout[split][0])
-
-    dummies = _dummy_categories(datasets)
+    report = validate_sources(sources)
+    datasets = {s.split: s.data for s in sources if s.data is not None}
     names: dict[int, str] = {}
-    for split, data in datasets.items():
-        for c in data["categories"]:
+    for s in sources:
+        for c in (s.data or {}).get("categories", []):
             cid = int(c["id"])
             if names.setdefault(cid, c["name"]) != c["name"]:
-                raise DataError(layout[split][0], f"category id {cid} is {c['name']!r} here but "
-                                                  f"{names[cid]!r} in another split")
+                report.errors.append(Issue(s.split, str(s.json_file), cid, f"category id {cid} is {c['name']!r} "
+                                                                           f"here but {names[cid]!r} in another split"))
+    if report.errors:
+        raise DatasetProblems(src, report.errors, f"{len(report.errors)} problem(s) in the COCO dataset; "
+                                                  "nothing written")
+    dummies = _dummy_categories(datasets)
     for cid in sorted(dummies):
         warnings.warn(f"{src}: dropping category {cid} {names[cid]!r} (a supercategory with no annotations)",
                       DataWarning, stacklevel=2)
@@ -399,24 +433,18 @@ def normalise_coco(src: str | Path, out: str | Path, prompts: str | Path | Mappi
         raise DataError(where, f"{listed} not a category (categories: {sorted(known)})")
 
     with output_dir(out, overwrite) as tmp:
-        for split, data in datasets.items():
-            ann_file, image_dir = layout[split]
-            (tmp / split / "images").mkdir(parents=True)
+        for s in sources:
+            data = s.data
+            assert data is not None  # a split without data has a fatal issue, refused above
+            (tmp / s.split / "images").mkdir(parents=True)
             images = {}
             for im in data["images"]:
-                rel = safe_relpath(im["file_name"], ann_file)
-                source = image_dir / rel
-                if not source.is_file():
-                    raise DataError(ann_file, f"image {im['id']}: file {source} not found")
-                target = tmp / split / "images" / rel
+                rel = safe_relpath(im["file_name"], s.json_file)
+                target = tmp / s.split / "images" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+                shutil.copyfile(s.image_path(im), target)
                 images[im["id"]] = {**im, "file_name": rel}
-            annotations = []
-            for ann in data["annotations"]:
-                if ann["image_id"] not in images:
-                    raise DataError(ann_file, f"annotation {ann['id']}: unknown image id {ann['image_id']}")
-                annotations.append(_normalise_annotation(ann, images[ann["image_id"]], ann_file))
+            annotations = [_normalise_annotation(a, images[a["image_id"]], s.json_file) for a in data["annotations"]]
             categories = []
             for c in data["categories"]:
                 if int(c["id"]) in dummies:
@@ -427,5 +455,6 @@ def normalise_coco(src: str | Path, out: str | Path, prompts: str | Path | Mappi
                 categories.append(c)
             result = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
             result.update(images=list(images.values()), annotations=annotations, categories=categories)
-            write_coco(result, tmp / split / "annotations.json")
+            write_coco(result, tmp / s.split / "annotations.json")
+        write_marker(tmp, "coco", src)
     return out

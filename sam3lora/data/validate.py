@@ -1,43 +1,82 @@
-"""``sam3lora-data validate``: check a canonical dataset (``ROOT/SPLIT/annotations.json`` + ``images/``).
+"""``sam3lora-data validate``: check a dataset in any layout ``convert`` reads, and the checks behind it.
 
-Errors: missing or unreadable image, image size differing from the json, degenerate polygon (< 3 points
-or zero area) or box (w or h <= 0), polygon/box outside the image (beyond ``TOLERANCE`` px), bad RLE,
-unknown category id, duplicate image/annotation/category ids, annotation naming a missing image id,
-an unreadable json. Warnings: category with no instances in a split, images with no annotation,
-box-only annotations, a missing train or val split.
+Layouts (:func:`find_sources`): the converted one (``SPLIT/annotations.json`` + ``SPLIT/images/``), Roboflow COCO
+(``SPLIT/_annotations.coco.json`` beside the images, ``valid`` -> ``val``), classic COCO
+(``annotations/instances_SPLIT.json`` + ``SPLIT/`` or ``images/SPLIT/``) and YOLO detect/segment (``data.yaml``).
+
+:func:`check_split` is the one set of checks, run by ``validate``, by both converters before they write anything
+and (with ``images="header"``) when a dataset is opened for training. Errors: missing or undecodable image (a
+truncated file too), image size differing from the annotations, degenerate polygon (< 3 points or zero area) or
+box (w or h <= 0), polygon/box outside the image (beyond ``TOLERANCE`` px), bad RLE, unknown category id,
+duplicate image/annotation/category ids, annotation naming a missing image id, an unreadable json; for YOLO also
+malformed label lines and label files with no image. Warnings: category with no instances in a split, images
+with no annotation, box-only annotations, a missing train or val split.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from sam3lora.data.coco import DataError, read_coco, safe_relpath, segmentation_to_rle
+from sam3lora.data.coco import DataError, find_coco_splits, read_coco, safe_relpath, segmentation_to_rle
+from sam3lora.data.images import ImageDecodeError, decode_image
 
 TOLERANCE = 1.0
 SPLITS = ("train", "val", "test")
+YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
+ImageCheck = Literal["exists", "header", "decode"]
 
 
 @dataclass(frozen=True)
 class Issue:
-    """One problem: where (split, file, id of the image/annotation/category) and what."""
+    """One problem: where (split, file, id of the image/annotation/category) and what.
+
+    ``sample`` is the image id whose sample the problem makes unusable (None when it is tied to no image);
+    ``fatal`` marks a problem that makes the whole split unusable (unreadable json, duplicate image or category ids).
+    """
 
     split: str
     file: str
     id: int | str | None
     message: str
+    sample: int | None = None
+    fatal: bool = False
+
+    def located(self) -> str:
+        """``"<file> [id N]: <message>"``."""
+        where = self.file + (f" [id {self.id}]" if self.id is not None else "")
+        return f"{where}: {self.message}"
 
     def __str__(self) -> str:
-        where = f"{self.file}" + (f" [id {self.id}]" if self.id is not None else "")
-        return f"{self.split}: {where}: {self.message}"
+        return f"{self.split}: {self.located()}"
+
+
+class DatasetProblems(DataError):
+    """Data refused because of ``issues`` (every problem found); ``summary`` is the one-line verdict.
+
+    ``str(err)`` is ``"<path>: <summary>: <first issues>; ..."`` (one line); :meth:`lines` gives one line per issue.
+    """
+
+    def __init__(self, path: str | Path, issues: Sequence[Issue], summary: str, shown: int = 20) -> None:
+        self.issues = list(issues)
+        self.summary = summary
+        listing = "; ".join(i.located() for i in self.issues[:shown])
+        more = f"; ... and {len(self.issues) - shown} more" if len(self.issues) > shown else ""
+        super().__init__(path, f"{summary}: {listing}{more}")
+
+    def lines(self) -> list[str]:
+        """One line per issue: ``"<split>: <file> [id N]: <message>"``."""
+        return [str(i) for i in self.issues]
 
 
 @dataclass
@@ -54,16 +93,35 @@ class SplitCounts:
 
 @dataclass
 class Report:
-    """Validation result: ``errors`` and ``warnings`` (:class:`Issue`), ``counts`` per split."""
+    """Validation result: ``errors`` and ``warnings`` (:class:`Issue`), ``counts`` per split, the ``layout`` read."""
 
     root: Path
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     counts: dict[str, SplitCounts] = field(default_factory=dict)
+    layout: str = ""
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+@dataclass
+class SplitSource:
+    """One split as read from disk, before any check: a COCO dict (None when it could not be read) and where its
+    parts live. ``image_path`` maps an image entry to its file; ``ann_files`` names the file (``label.txt:line``
+    for YOLO) of an annotation id when it is not ``json_file``; ``issues`` are problems met while reading."""
+
+    split: str
+    json_file: Path
+    data: dict[str, Any] | None
+    image_path: Callable[[Mapping[str, Any]], Path]
+    check_size: bool = True
+    ann_files: dict[Any, str] = field(default_factory=dict)
+    issues: list[Issue] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- geometry
 
 
 def _polygon_area(coords: list[float]) -> float:
@@ -72,11 +130,12 @@ def _polygon_area(coords: list[float]) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-def _check_geometry(ann: dict[str, Any], width: int, height: int) -> list[str]:
+def _check_geometry(ann: Mapping[str, Any], width: int, height: int) -> list[str]:
     """Error messages for one annotation's bbox and segmentation."""
     problems: list[str] = []
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)
+            and all(np.isfinite(bbox))):
         return [f"bbox must be 4 numbers [x, y, w, h], got {bbox!r}"]
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -103,7 +162,7 @@ def _check_geometry(ann: dict[str, Any], width: int, height: int) -> list[str]:
             rle = segmentation_to_rle(seg, height, width)
             if rle is not None and float(mask_utils.area(rle)) == 0:
                 problems.append("degenerate RLE mask: zero area")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, KeyError) as e:
             problems.append(f"bad segmentation ({e})")
     return problems
 
@@ -112,58 +171,100 @@ def _duplicates(entries: list[dict[str, Any]]) -> list[Any]:
     return [k for k, n in Counter(e.get("id") for e in entries).items() if n > 1]
 
 
-def _validate_split(report: Report, split: str, split_dir: Path) -> None:
-    ann_file = split_dir / "annotations.json"
-    af = str(ann_file)
-    err = lambda i, m: report.errors.append(Issue(split, af, i, m))
-    warn = lambda i, m: report.warnings.append(Issue(split, af, i, m))
+def _image_size(path: Path, how: ImageCheck) -> tuple[int, int] | None:
+    """``(width, height)`` of the file (None with ``how="exists"``); :class:`ImageDecodeError` when it is unusable.
+
+    ``header`` reads the size from the file's header only (cheap); ``decode`` decodes the whole file, which
+    finds truncated files too."""
+    if not path.is_file():
+        raise ImageDecodeError(path, "image file not found")
+    if how == "exists":
+        return None
+    if how == "decode":
+        pixels = decode_image(path)
+        return int(pixels.shape[1]), int(pixels.shape[0])
     try:
-        data = read_coco(ann_file)
-    except DataError as e:
-        err(None, e.problem)
-        return
+        with Image.open(path) as image:
+            return image.size
+    except Exception as e:  # noqa: BLE001 - any failure to read the header means an undecodable file
+        raise ImageDecodeError(path, f"cannot decode image file ({' '.join(str(e).split())})") from None
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def check_split(
+    split: str,
+    data: Mapping[str, Any],
+    *,
+    json_file: str | Path,
+    image_path: Callable[[Mapping[str, Any]], Path],
+    images: ImageCheck = "decode",
+    check_size: bool = True,
+    ann_files: Mapping[Any, str] | None = None,
+) -> tuple[list[Issue], list[Issue], SplitCounts]:
+    """Every check of one split's COCO dict (already shaped by :func:`~sam3lora.data.coco.read_coco`).
+
+    Returns ``(errors, warnings, counts)``; never raises for bad data. ``images`` says how far image files are
+    read (see :func:`_image_size`); ``check_size`` compares their size with the json's.
+    """
+    jf = str(json_file)
+    ann_files = ann_files or {}
+    errors: list[Issue] = []
+    warnings: list[Issue] = []
     for key, label in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
-        for dup in _duplicates(data[key]):
-            err(dup, f"duplicate {label} id {dup}")
+        dups = _duplicates(data[key])
+        if dups:
+            more = f" ({len(dups)} in all)" if len(dups) > 10 else ""
+            errors.append(Issue(split, jf, None, f"duplicate {label} id(s) {dups[:10]}{more}",
+                                fatal=key != "annotations"))
+    if not data["categories"]:
+        errors.append(Issue(split, jf, None, "no categories", fatal=True))
     cats = {c["id"]: c["name"] for c in data["categories"]}
-    images = {im["id"]: im for im in data["images"]}
-    counts = SplitCounts(images=len(images), per_category=dict.fromkeys(cats.values(), 0))
-    report.counts[split] = counts
+    by_id = {im["id"]: im for im in data["images"]}
+    counts = SplitCounts(images=len(by_id), per_category=dict.fromkeys(cats.values(), 0))
+    sizes: dict[Any, tuple[int, int]] = {}
 
     for im in data["images"]:
+        iid = im["id"]
         try:
-            rel = safe_relpath(im["file_name"], ann_file)
+            width, height = int(im["width"]), int(im["height"])
+            if width <= 0 or height <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors.append(Issue(split, jf, iid, f"image size {im['width']}x{im['height']} is not two positive "
+                                                "integers", sample=iid))
+            continue
+        sizes[iid] = (width, height)
+        try:
+            path = image_path(im)
         except DataError as e:
-            err(im["id"], e.problem)
-            continue
-        path = split_dir / "images" / rel
-        if not path.is_file():
-            report.errors.append(Issue(split, str(path), im["id"], "missing image"))
+            errors.append(Issue(split, jf, iid, e.problem, sample=iid))
             continue
         try:
-            with Image.open(path) as pil:
-                pil.load()
-                size = pil.size
-        except Exception as e:  # any decoder failure: unreadable
-            report.errors.append(Issue(split, str(path), im["id"], f"unreadable image ({e})"))
+            size = _image_size(path, images)
+        except ImageDecodeError as e:
+            errors.append(Issue(split, str(path), iid, e.problem, sample=iid))
             continue
-        if size != (im["width"], im["height"]):
-            report.errors.append(Issue(split, str(path), im["id"], f"image is {size[0]}x{size[1]} but the "
-                                       f"json says {im['width']}x{im['height']}"))
+        if check_size and size is not None and size != (width, height):
+            errors.append(Issue(split, str(path), iid, f"image is {size[0]}x{size[1]} but the annotations say "
+                                                       f"{width}x{height}", sample=iid))
 
     annotated: set[Any] = set()
     for ann in data["annotations"]:
         aid = ann["id"]
-        im = images.get(ann["image_id"])
-        if im is None:
-            err(aid, f"annotation points to missing image id {ann['image_id']}")
+        af = ann_files.get(aid, jf)
+        iid = ann["image_id"]
+        if iid not in by_id:
+            errors.append(Issue(split, af, aid, f"annotation points to missing image id {iid}"))
             continue
         if ann["category_id"] not in cats:
-            err(aid, f"unknown category id {ann['category_id']}")
+            errors.append(Issue(split, af, aid, f"unknown category id {ann['category_id']}", sample=iid))
             continue
-        for problem in _check_geometry(ann, int(im["width"]), int(im["height"])):
-            err(aid, problem)
-        annotated.add(ann["image_id"])
+        if iid in sizes:
+            for problem in _check_geometry(ann, *sizes[iid]):
+                errors.append(Issue(split, af, aid, problem, sample=iid))
+        annotated.add(iid)
         if ann.get("iscrowd", 0):
             counts.crowd += 1
             continue
@@ -172,41 +273,101 @@ def _validate_split(report: Report, split: str, split_dir: Path) -> None:
         if ann.get("segmentation") in ([], None):
             counts.box_only += 1
             note = "" if ann.get("box_only") else " (segmentation empty but box_only not set)"
-            warn(aid, f"box-only annotation (no mask){note}")
+            warnings.append(Issue(split, af, aid, f"box-only annotation (no mask){note}"))
 
-    for image_id in images:
-        if image_id not in annotated:
+    for iid in by_id:
+        if iid not in annotated:
             counts.images_without_annotations += 1
-            warn(image_id, "image has no annotation")
+            warnings.append(Issue(split, jf, iid, "image has no annotation"))
     for cid, name in cats.items():
         if counts.per_category[name] == 0:
-            warn(cid, f"category {name!r} has no instances")
+            warnings.append(Issue(split, jf, cid, f"category {name!r} has no instances"))
+    return errors, warnings, counts
 
 
-def validate_dataset(root: str | Path) -> Report:
-    """Validate every split (train/val/test) under ``root``; never raises for bad data, reports it."""
+# --------------------------------------------------------------------------------------------- layouts
+
+
+def coco_image_path(image_dir: Path, json_file: Path) -> Callable[[Mapping[str, Any]], Path]:
+    """``image entry -> file`` for a COCO split whose ``file_name`` is relative to ``image_dir``."""
+    return lambda im: image_dir / safe_relpath(im["file_name"], json_file)
+
+
+def coco_sources(src: str | Path) -> list[SplitSource]:
+    """The splits of a COCO dataset in any layout :func:`~sam3lora.data.coco.find_coco_splits` knows; a split
+    whose json cannot be read has ``data=None`` and the reason as a fatal issue."""
+    sources = []
+    for split, (ann, image_dir) in find_coco_splits(src).items():
+        source = SplitSource(split, ann, None, coco_image_path(image_dir, ann))
+        try:
+            source.data = read_coco(ann)
+        except DataError as e:
+            source.issues.append(Issue(split, e.path, None, e.problem, fatal=True))
+        sources.append(source)
+    return sources
+
+
+def is_yolo(root: str | Path) -> bool:
+    """Whether ``root`` is a YOLO dataset (a ``data.yaml``, or the yaml itself)."""
     root = Path(root)
-    report = Report(root=root)
-    if not root.is_dir():
-        report.errors.append(Issue("-", str(root), None, "dataset directory not found"))
-        return report
-    present = [s for s in SPLITS if (root / s / "annotations.json").exists()]
-    if not present:
-        report.errors.append(Issue("-", str(root), None, "no SPLIT/annotations.json found (splits: "
-                                   f"{', '.join(SPLITS)})"))
-        return report
+    return (root.is_file() and root.suffix in (".yaml", ".yml")) or any((root / n).is_file() for n in YAML_NAMES)
+
+
+def find_sources(root: str | Path, fmt: str = "auto") -> tuple[str, list[SplitSource]]:
+    """``(layout, splits)`` of the dataset at ``root``: ``fmt`` ``coco``, ``yolo`` or ``auto`` (COCO json files
+    first, else a ``data.yaml``). Raises :class:`DataError` when no split is found."""
+    if fmt not in ("auto", "coco", "yolo"):
+        raise DataError(root, f"unknown dataset format {fmt!r} (auto, coco or yolo)")
+    if fmt == "coco" or (fmt == "auto" and not is_yolo(root)):
+        return "coco", coco_sources(root)
+    if fmt == "auto" and Path(root).is_dir():
+        try:
+            return "coco", coco_sources(root)
+        except DataError:
+            pass
+    from sam3lora.data.yolo import scan_yolo
+
+    return "yolo", [s.source() for s in scan_yolo(root).splits]
+
+
+def validate_sources(sources: Sequence[SplitSource], images: ImageCheck = "decode") -> Report:
+    """Run :func:`check_split` on every source; the report's ``root`` is left to the caller."""
+    report = Report(root=Path("."))
+    for s in sources:
+        report.errors.extend(s.issues)
+        if s.data is None:
+            continue
+        errors, warnings, counts = check_split(s.split, s.data, json_file=s.json_file, image_path=s.image_path,
+                                               images=images, check_size=s.check_size, ann_files=s.ann_files)
+        report.errors.extend(errors)
+        report.warnings.extend(warnings)
+        report.counts[s.split] = counts
+    return report
+
+
+def validate_dataset(root: str | Path, fmt: str = "auto") -> Report:
+    """Validate every split (train/val/test) of the dataset at ``root`` in any layout ``convert`` reads (decoding
+    every image whole); never raises for bad data, reports it."""
+    root = Path(root)
+    if not root.exists():
+        return Report(root=root, errors=[Issue("-", str(root), None, "dataset directory not found")])
+    try:
+        layout, sources = find_sources(root, fmt)
+    except DataError as e:
+        return Report(root=root, errors=[Issue("-", e.path, None, e.problem)])
+    report = validate_sources(sources)
+    report.root, report.layout = root, layout
+    present = {s.split for s in sources}
     for s in ("train", "val"):
         if s not in present:
-            report.warnings.append(Issue(s, str(root / s / "annotations.json"), None, f"no '{s}' split"))
-    for split in present:
-        _validate_split(report, split, root / split)
+            report.warnings.append(Issue(s, str(root), None, f"no '{s}' split"))
     return report
 
 
 def print_report(report: Report, console: Console | None = None, limit: int = 20) -> None:
     """Print counts, then up to ``limit`` errors and warnings of each kind, with rich."""
     console = console or Console()
-    table = Table(title=f"dataset {report.root}")
+    table = Table(title=f"dataset {report.root}" + (f" ({report.layout})" if report.layout else ""))
     for col in ("split", "images", "instances", "crowd", "box-only", "images w/o annotations"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, c in report.counts.items():
@@ -216,14 +377,15 @@ def print_report(report: Report, console: Console | None = None, limit: int = 20
     for split, c in report.counts.items():
         per_cat = ", ".join(f"{name}: {n}" for name, n in c.per_category.items())
         console.print(f"[bold]{split}[/] instances per category: {per_cat or '-'}")
-    for label, issues, style in (("error", report.errors, "red"), ("warning", report.warnings, "yellow")):
+    for label, issues, style, cap in (("error", report.errors, "red", None),
+                                      ("warning", report.warnings, "yellow", limit)):
         by_kind: dict[str, list[Issue]] = {}
         for issue in issues:
             by_kind.setdefault(issue.message.split(" (")[0].split(":")[0], []).append(issue)
         for group in by_kind.values():
-            for issue in group[:limit]:
-                console.print(f"[{style}]{label}[/]: {issue}", markup=True, highlight=False)
-            if len(group) > limit:
-                console.print(f"[{style}]{label}[/]: ... and {len(group) - limit} more like the above")
+            for issue in group[:cap]:
+                console.print(f"[{style}]{label}[/]: {escape(str(issue))}", markup=True, highlight=False)
+            if cap is not None and len(group) > cap:
+                console.print(f"[{style}]{label}[/]: ... and {len(group) - cap} more like the above")
     verdict = "[green]OK[/]" if report.ok else f"[red]{len(report.errors)} error(s)[/]"
     console.print(f"{verdict}, {len(report.warnings)} warning(s)")
