@@ -28,7 +28,7 @@ from sam3lora.perf import (
     VisionFeatureCache,
     check_deterministic,
 )
-from sam3lora.perf.checkpointing import checkpoint_layers, checkpointed_components
+from sam3lora.perf.checkpointing import ENCODERS, checkpoint_layers, checkpointed_components
 from sam3lora.perf.synthetic import synthetic_batch
 from sam3lora.training.app import ConfigError, run
 from sam3lora.training.module import Sam3LoRAModule
@@ -211,7 +211,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> N
     plain_loss, plain_grads = loss_and_grads(module, batch)
     module.configure_perf(PerfSettings(activation_checkpointing=True))
     assert checkpointed_components(module.model) == ["vision_encoder", "text_encoder"]
-    assert len(checkpoint_layers(module.model)) == 4 + 2  # every ViT and CLIP block of the tiny preset
+    assert len(checkpoint_layers(module.model, ENCODERS)) == 4 + 2  # every ViT and CLIP block of the tiny preset
     # a block's submodules run again when backward recomputes the block (the block's own hooks do not)
     mlps = [module.base_model.get_submodule(n) for n in ("vision_encoder.backbone.layers.0.mlp",
                                                           "text_encoder.text_model.encoder.layers.1.mlp")]
@@ -226,11 +226,96 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> N
     assert checkpointed_components(module.model) == []
 
 
+HEADS = ["geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder"]
+
+
+def test_checkpointing_the_heads_gives_the_same_gradients_and_recomputes() -> None:
+    """The plain-module components (their layers; the mask decoder as one block), DAC pass included."""
+    module = build_module("lora=balanced", "++lora.init=false")  # adapters in every head: gradients reach them all
+    assert module.use_dac
+    batch = batch_for(module)
+    plain_loss, plain_grads = loss_and_grads(module, batch)
+    blocks = checkpoint_layers(module.model, HEADS)
+    assert sorted(blocks) == sorted(
+        [f"geometry_encoder.layers.{i}" for i in range(len(module.base_model.geometry_encoder.layers))]
+        + [f"detr_encoder.layers.{i}" for i in range(len(module.base_model.detr_encoder.layers))]
+        + [f"detr_decoder.layers.{i}" for i in range(len(module.base_model.detr_decoder.layers))]
+        + ["mask_decoder"]
+    )
+    module.configure_perf(PerfSettings(activation_checkpointing=HEADS))
+    assert checkpointed_components(module.model) == HEADS
+    inner = {
+        "geometry_encoder.layers.0.mlp": 2,
+        "detr_encoder.layers.0.mlp": 2,
+        "detr_decoder.layers.0.mlp": 4,  # the one-to-one pass and the DAC pass, each recomputed
+        "mask_decoder.pixel_decoder": 2,
+    }
+    calls = {name: count_forwards(module.base_model.get_submodule(name)) for name in inner}
+    ckpt_loss, ckpt_grads = loss_and_grads(module, batch)
+    assert {name: len(c) for name, c in calls.items()} == inner, "a block was not recomputed in backward"
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    module.configure_perf(PerfSettings())
+    assert checkpointed_components(module.model) == []
+    decoder_layer = module.base_model.detr_decoder.layers[0]
+    assert "forward" not in vars(decoder_layer) and not hasattr(decoder_layer, "gradient_checkpointing")
+
+
+def _dac_loss_and_grads(module: Sam3LoRAModule, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss on the DAC (one-to-many) outputs alone, and the gradients it gives the trainable parameters."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    o2m = module(batch)["o2m"]
+    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"]]
+    parts += [aux[k] for aux in o2m["aux_outputs"] for k in ("pred_logits", "pred_boxes")]
+    loss = sum((p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum() for p in parts)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_decoder_checkpointing_replays_the_dac_pass() -> None:
+    """Recomputing a decoder layer of the DAC pass must zero its self-attention again (the keyword is replayed)."""
+    module = build_module("lora=balanced", "++lora.init=false")
+    batch = batch_for(module)
+    plain_loss, plain_grads = _dac_loss_and_grads(module, batch)
+    module.configure_perf(PerfSettings(activation_checkpointing=["detr_decoder"]))
+    attn = [layer.self_attn for layer in module.base_model.detr_decoder.layers]
+    dac_calls: list[int] = []
+
+    def before_backward(grad: torch.Tensor) -> torch.Tensor:
+        dac_calls.extend(a._sam3lora_dac_calls for a in attn)  # 1 per layer after the forward
+        return grad
+
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    o2m = module(batch)["o2m"]
+    o2m["pred_logits"].register_hook(before_backward)
+    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"]]
+    parts += [aux[k] for aux in o2m["aux_outputs"] for k in ("pred_logits", "pred_boxes")]
+    ckpt_loss = sum((p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum() for p in parts)
+    ckpt_loss.backward()
+    assert dac_calls == [1] * len(attn)
+    assert [a._sam3lora_dac_calls for a in attn] == [2] * len(attn), "the recomputation lost the DAC keyword"
+    ckpt_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(ckpt_loss.detach(), plain_loss, rtol=1e-6, atol=1e-6)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    assert any("detr_decoder.layers.0.text_cross_attn" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_perf_settings_validate_their_values() -> None:
     assert PerfSettings(activation_checkpointing=True).checkpoint_components == ["vision_encoder", "text_encoder"]
     assert PerfSettings(activation_checkpointing=["text_encoder"]).checkpoint_components == ["text_encoder"]
     assert PerfSettings(cache_vision_features=True).cache_vision_features == "memory"
-    for bad in (dict(activation_checkpointing=["detr_decoder"]), dict(cache_vision_features="ram"),
+    heads = ["detr_encoder", "detr_decoder", "mask_decoder"]
+    assert PerfSettings(activation_checkpointing=heads).checkpoint_components == heads
+    for bad in (dict(activation_checkpointing=["pixel_decoder"]), dict(activation_checkpointing="all"),
+                dict(cache_vision_features="ram"),
                 dict(cache_vision_features="disk"), dict(vision_cache_dtype="int8")):
         with pytest.raises(ValueError, match="module.perf"):
             PerfSettings(**bad)

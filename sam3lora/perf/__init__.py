@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sam3lora.model.loading import DTYPES
-from sam3lora.perf.checkpointing import CHECKPOINTABLE, RecomputeFlops, set_activation_checkpointing
+from sam3lora.perf.checkpointing import CHECKPOINTABLE, ENCODERS, RecomputeFlops, set_activation_checkpointing
 from sam3lora.perf.feature_cache import (
     CACHE_MODES,
     FeatureCacheError,
@@ -23,6 +23,7 @@ from sam3lora.perf.precision import base_autocast, prepare_low_precision_base
 
 __all__ = [
     "CHECKPOINTABLE",
+    "ENCODERS",
     "FeatureCacheError",
     "PerfSettings",
     "RecomputeFlops",
@@ -41,8 +42,10 @@ class PerfSettings:
     """Speed/memory switches; all off by default (each trades something, see ``docs/performance.md``).
 
     Attributes:
-        activation_checkpointing: recompute encoder blocks in backward instead of keeping their activations.
-            ``true`` = vision and text encoders, or a list of components from ``CHECKPOINTABLE``.
+        activation_checkpointing: recompute blocks in backward instead of keeping their activations.
+            ``true`` = vision and text encoders (``ENCODERS``), or a list of components from ``CHECKPOINTABLE``
+            (``vision_encoder``, ``text_encoder``, ``geometry_encoder``, ``detr_encoder``, ``detr_decoder``,
+            ``mask_decoder``).
         cache_vision_features: ``false | memory | disk`` (``true`` = memory). Compute each image's vision features
             once and reuse them in later epochs; needs a frozen, un-adapted vision encoder (``lora=minimal``) and
             deterministic training transforms.
@@ -90,7 +93,7 @@ class PerfSettings:
     def checkpoint_components(self) -> list[str]:
         ckpt = self.activation_checkpointing
         if ckpt is True:
-            return list(CHECKPOINTABLE)
+            return list(ENCODERS)
         return list(ckpt) if ckpt else []
 
     @property
