@@ -1,17 +1,25 @@
-"""Make the ``tiny-pretrained`` base that the CPU demo fine-tunes.
+"""Make the ``tiny-pretrained`` base that the CPU demo fine-tunes, in as many sessions as it takes.
 
 LoRA adapts a *pretrained* model, so the demo needs a base that already segments something. This script trains
 the whole tiny architecture (every weight, no adapters) on a synthetic domain whose categories differ from the
-demo's (``PRETRAIN_CATEGORIES`` vs the demo's defaults), keeps the weights of the best validation epoch and
-writes them (bfloat16) as a transformers directory, by default ``sam3lora/assets/tiny-pretrained`` (shipped).
+demo's (``PRETRAIN_CATEGORIES`` vs the demo's), and keeps the weights of the best validation.
 
-Training runs in two stages (a curriculum): first without negative prompts (words are grounded in pixels), then
-with them (presence: is the prompt in the image at all?).
+* The images are rendered **once** into a tensor file (``--cache``, keyed by the generator settings) and reused by
+  every run; batches are cut and augmented from tensors on the training device (``sam3lora.training.pretrain``).
+* A run lives in ``--state DIR``: ``state.pt`` (weights, optimiser, schedule, step, RNG, best, history; written
+  whole or not at all, at every validation, every ``--save-every`` seconds and when the session ends), the best
+  weights ``best.safetensors`` (bf16) and ``history.json``. ``--resume`` continues it exactly where it stopped, on
+  any device, so CPU hours and a lent GPU add up. SIGINT / SIGTERM (``timeout``) end a session cleanly after the
+  current step.
+* Curriculum: the first ``--warm-steps`` have no negative prompts and no presence loss (words are grounded in
+  pixels first; with every prompt present the presence logit runs into SAM 3's +-10 clamp), then negatives and
+  presence.
 
-    .venv/bin/python scripts/pretrain_tiny.py                       # fixed epochs (slow on 2 CPU cores)
-    python scripts/pretrain_tiny.py --budget 300 --train 2048 \\
-        --best-weights best.safetensors                               # GPU: epochs sized to 300 s, best kept on disk
-    .venv/bin/python scripts/pretrain_tiny.py --weights best.safetensors  # package weights trained elsewhere
+    python scripts/pretrain_tiny.py --state runs/pre --steps 20000 --budget 3000       # first session
+    python scripts/pretrain_tiny.py --state runs/pre --resume --budget 3000            # every later one
+    python scripts/pretrain_tiny.py --benchmark 5 --batch-size 8                      # image passes/s here
+    python scripts/pretrain_tiny.py --weights runs/pre/best.safetensors \\
+        --record runs/pre/history.json --out sam3lora/assets/tiny-pretrained           # ship the best weights
 """
 
 from __future__ import annotations
@@ -19,21 +27,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import signal
+import sys
 import time
+from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from sam3lora.data.synthetic import write_synthetic
-from sam3lora.io import atomic_dir
+from sam3lora.io import atomic_dir, atomic_file
 from sam3lora.model import load_model
-from sam3lora.model.tiny import PRETRAINED_DIR
+from sam3lora.model.tiny import TINY_IMAGE_SIZE, sam3lora_home
+from sam3lora.training.pretrain import (
+    Pretrainer,
+    PretrainSettings,
+    RenderSettings,
+    epochs_of,
+    load_or_render,
+    load_state,
+    settings_from_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every colour and shape word of the demo appears here, but never in the demo's combinations.
@@ -41,7 +59,9 @@ PRETRAIN_CATEGORIES = (
     "green circle", "red square", "blue triangle", "magenta star", "yellow ring", "cyan cross", "orange hexagon",
     "white diamond",
 )
-CALIBRATION_STEPS = 30
+DATA_SEED = 101
+DEFAULT_OVERRIDES = ("loss.weight_dice=40",)  # small masks: at SAM 3's 10 the focal term empties them first
+STATE_FILE, BEST_FILE, HISTORY_FILE = "state.pt", "best.safetensors", "history.json"
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,190 +70,258 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
-class KeepBest(L.Callback):
-    """Keep the weights of the epoch with the best (``val/cgF1``, ``val/iou``); optionally write them at once."""
-
-    def __init__(self, name: str = "", path: Path | None = None) -> None:
-        self.name = f"[{name}] " if name else ""
-        self.path = path
-        self.best: tuple[float, float] = (-1.0, -1.0)
-        self.state: dict[str, torch.Tensor] | None = None
-        self.epoch = ""
-        self.history: list[dict[str, Any]] = []
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.stage = ""
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        for key in ("train/loss", "train/loss_presence", "train/loss_ce", "train/loss_mask", "train/loss_dice",
-                    "train/loss_bbox"):
-            if key in trainer.callback_metrics:
-                self.sums[key] = self.sums.get(key, 0.0) + float(trainer.callback_metrics[key])
-        self.steps += 1
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        iou, cgf1, loss = (float(trainer.callback_metrics[k]) for k in ("val/iou", "val/cgF1", "val/loss"))
-        train = {k[6:]: v / max(self.steps, 1) for k, v in self.sums.items()}
-        epoch, elapsed = f"{self.stage}:{trainer.current_epoch}", time.perf_counter() - self.started
-        self.history.append({"epoch": epoch, "s": round(elapsed, 1), "val_iou": iou, "val_cgF1": cgf1,
-                             "val_loss": loss, **{f"train_{k}": v for k, v in train.items()}})
-        text = " ".join(f"{k} {v:.2f}" for k, v in train.items())
-        print(f"{self.name}{elapsed:6.0f}s epoch {epoch}: val/iou {iou:.4f} cgF1 {cgf1:.3f} val/loss {loss:.2f} | "
-              f"{text}", flush=True)
-        self.sums, self.steps = {}, 0
-        if (cgf1, iou) > self.best:
-            self.best, self.epoch = (cgf1, iou), epoch
-            self.state = cpu_state(pl_module.model)
-            if self.path is not None:
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                save_file(self.state, str(tmp), metadata={"epoch": epoch, "val_iou": f"{iou:.4f}",
-                                                          "val_cgF1": f"{cgf1:.4f}"})
-                os.replace(tmp, self.path)
-
-
-class StepTimer(L.Callback):
-    """Seconds per training step, measured after the first ``skip`` steps."""
-
-    def __init__(self, skip: int = 10) -> None:
-        self.skip, self.count, self.start = skip, 0, 0.0
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.count += 1
-        if self.count == self.skip:
-            self.start = time.perf_counter()
-
-    @property
-    def seconds_per_step(self) -> float:
-        return (time.perf_counter() - self.start) / max(self.count - self.skip, 1)
-
-
 def write_pretrained(model: torch.nn.Module, processor: Any, out: Path, record: dict[str, Any]) -> None:
     """Write ``model`` (bfloat16) and ``processor`` as a transformers directory at ``out``, whole or not at all."""
     with atomic_dir(out, overwrite=True) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "sam3lora_preset.json").write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}: {json.dumps({k: record[k] for k in ('best_epoch', 'val_cgF1', 'val_iou') if k in record})}")
+    print(f"wrote {out}: {json.dumps({k: record[k] for k in ('best_step', 'val_cgF1', 'val_iou') if k in record})}")
 
 
 def package(weights: Path, out: Path, seed: int, record_path: Path | None) -> None:
-    """Package weights trained elsewhere (``--best-weights`` of another run) as the preset directory."""
+    """Package weights trained elsewhere (a run's ``best.safetensors``) as the preset directory ``out``."""
     model, processor = load_model("tiny", seed=seed)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
         raise SystemExit(f"{weights}: does not fit the tiny architecture (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
-    record = json.loads(record_path.read_text()) if record_path else {}
+    record: dict[str, Any] = {}
+    if record_path is not None:
+        data = json.loads(record_path.read_text())
+        record = data.get("record", data)  # a run's history.json or a plain JSON of facts
     write_pretrained(model, processor, out, {"preset": "tiny-pretrained", "categories": list(PRETRAIN_CATEGORIES),
                                              **record})
 
 
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop ends the session after the current step (state saved whole)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.stop:  # a second signal: leave now (the last saved state stays as it was)
+            raise KeyboardInterrupt
+        self.stop = True
+        print(f"signal {signum}: stopping after this step", flush=True)
+
+
+def build(args: argparse.Namespace, settings: PretrainSettings, overrides: list[str], data: dict[str, Any],
+          device: torch.device) -> tuple[Pretrainer, Any, Any]:
+    """The trainer (model, criterion, data on ``device``) and the validation set for a run's fixed settings."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["module.metrics.ap_every_n_epochs=0", *overrides])
+    cache = Path(args.cache)
+    train = load_or_render(RenderSettings(data["train"], data["size"], data["seed"], tuple(data["categories"])),
+                           cache)
+    val = load_or_render(RenderSettings(data["val"], data["size"], data["seed"], tuple(data["categories"]),
+                                        split="val"), cache)
+    model, processor = load_model("tiny", seed=settings.seed)
+    model.requires_grad_(True).train()
+    module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.loss))
+    ip = processor.image_processor
+    trainer = Pretrainer(module, train, settings, processor.tokenizer, ip.image_mean, ip.image_std, device=device)
+    return trainer, val, processor
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def benchmark(trainer: Pretrainer, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Image passes per second of training steps (after ``warmup`` steps); nothing is written."""
+    for _ in range(warmup):
+        trainer.train_step()
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    started, images = time.perf_counter(), trainer.images_seen
+    for _ in range(steps):
+        trainer.train_step()
+    sync()
+    seconds = time.perf_counter() - started
+    passes = trainer.images_seen - images
+    return {"device": str(trainer.device), "threads": torch.get_num_threads(),
+            "batch_size": trainer.settings.batch_size, "bf16": trainer.settings.bf16, "steps": steps,
+            "ms_per_step": round(seconds / steps * 1000, 1), "images_per_s": round(passes / seconds, 2),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def validate(trainer: Pretrainer, val: Any, state_dir: Path, name: str, train_sums: dict[str, float],
+             train_steps: int) -> None:
+    """Validate, append to the history, keep the best weights (``best.safetensors``) when (cgF1, iou) improves."""
+    metrics = trainer.validate(val)
+    iou, cgf1 = metrics["val/iou"], metrics["val/cgF1"]
+    train = {f"train_{k}": v / max(train_steps, 1) for k, v in train_sums.items()}
+    entry = {"step": trainer.step, "images_seen": trainer.images_seen, "epochs": round(epochs_of(trainer), 2),
+             "seconds": round(trainer.seconds, 1), "lr": trainer.scheduler.get_last_lr()[0],
+             **{k.replace("/", "_"): v for k, v in metrics.items()}, **train}
+    trainer.history.append(entry)
+    best = (trainer.best.get("val_cgF1", -1.0), trainer.best.get("val_iou", -1.0))
+    mark = ""
+    if (cgf1, iou) > best:
+        trainer.best = {"step": trainer.step, "images_seen": trainer.images_seen, "val_cgF1": cgf1, "val_iou": iou}
+        with atomic_file(state_dir / BEST_FILE) as tmp:
+            save_file(cpu_state(trainer.module.model), str(tmp),
+                      metadata={k: str(v) for k, v in trainer.best.items()})
+        mark = " (best)"
+    losses = " ".join(f"{k[11:]} {v:.2f}" for k, v in train.items() if k.startswith("train_loss_") and v)
+    print(f"{name}step {trainer.step} ({trainer.images_seen} images, {epochs_of(trainer):.1f} epochs, "
+          f"{trainer.seconds:.0f} s): val/iou {iou:.4f} cgF1 {cgf1:.3f} val/loss {metrics['val/loss']:.2f}{mark} | "
+          f"loss {train.get('train_loss', float('nan')):.2f} {losses}", flush=True)
+
+
+def save(trainer: Pretrainer, state_dir: Path) -> None:
+    trainer.save(state_dir / STATE_FILE)
+    record = {**trainer.meta, "step": trainer.step, "images_seen": trainer.images_seen,
+              "train_seconds": round(trainer.seconds), "best": trainer.best}
+    with atomic_file(state_dir / HISTORY_FILE) as tmp:
+        tmp.write_text(json.dumps({"record": record, "history": trainer.history}, indent=2))
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", type=Path, default=None, help="the run's directory (state.pt, best.safetensors, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --state (its settings are kept)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of training in this session")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps of the whole run, all sessions (default 20000); with --resume, a new "
+                        "total stretches the cosine schedule from the current step")
+    p.add_argument("--warm-steps", type=int, default=None, help="first steps without negatives (default 10%%)")
+    p.add_argument("--train", type=int, default=2048, help="training images (rendered once, cached)")
+    p.add_argument("--val", type=int, default=64, help="validation images")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="rendered tensor sets (default $SAM3LORA_HOME/pretrain-cache)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPUs)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=500, help="validate (and save) every N steps")
+    p.add_argument("--save-every", type=float, default=300.0, help="save the state at least every N seconds")
+    p.add_argument("--name", default="", help="prefix of the printed lines (parallel runs)")
+    p.add_argument("--init", type=Path, default=None, help="a new run starts from these weights (safetensors)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="when the run completes, write the best weights as a preset directory here")
+    p.add_argument("--benchmark", type=int, default=None, metavar="STEPS",
+                   help="print image passes/s over STEPS training steps (JSON) and exit; nothing is written")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="no training: package these weights (a run's best.safetensors) as --out")
+    p.add_argument("--record", type=Path, default=None, help="with --weights: a JSON of facts (history.json)")
+    p.add_argument("overrides", nargs="*", help="conf/train.yaml loss./module. overrides, e.g. loss.weight_dice=40")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=PRETRAINED_DIR)
-    parser.add_argument("--epochs", type=int, default=40, help="all epochs (ignored with --budget)")
-    parser.add_argument("--warm-epochs", type=int, default=12,
-                        help="first epochs without negative prompts (grounding before presence)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of training: a short calibration sizes both stages' epochs to fit")
-    parser.add_argument("--warm-fraction", type=float, default=0.35, help="with --budget: share of the warm stage")
-    parser.add_argument("--train", type=int, default=128, help="training images")
-    parser.add_argument("--val", type=int, default=16, help="validation images")
-    parser.add_argument("--data", type=Path, default=None, help="a synthetic set made earlier (shared by runs)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the data config's)")
-    parser.add_argument("--accelerator", default="auto", help="cpu | gpu | auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="", help="prefix of the printed lines (parallel runs)")
-    parser.add_argument("--best-weights", type=Path, default=None,
-                        help="write the best weights here (safetensors, bf16) whenever they improve")
-    parser.add_argument("--history", type=Path, default=None, help="write the per-epoch metrics here (JSON)")
-    parser.add_argument("--no-out", action="store_true", help="do not write the preset directory")
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from these weights (from --best-weights) instead of the random tiny preset")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="no training: package these weights (from --best-weights) as --out")
-    parser.add_argument("--record", type=Path, default=None, help="with --weights: a JSON of facts to store")
-    parser.add_argument("overrides", nargs="*", help="extra conf/train.yaml overrides, e.g. loss.weight_dice=40")
-    args = parser.parse_args(argv)
+    args = parse(argv)
     if args.weights is not None:
+        if args.out is None:
+            raise SystemExit("--weights needs --out (e.g. sam3lora/assets/tiny-pretrained)")
         package(args.weights, args.out, args.seed, args.record)
         return
+    args.cache = args.cache or sam3lora_home() / "pretrain-cache"
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    name = f"[{args.name}] " if args.name else ""
 
+    state: dict[str, Any] | None = None
+    state_dir: Path | None = args.state
+    if args.benchmark is None:
+        if state_dir is None:
+            raise SystemExit("--state DIR is needed (where the run is kept), or --benchmark / --weights")
+        if args.resume:
+            if not (state_dir / STATE_FILE).is_file():
+                raise SystemExit(f"--resume: {state_dir / STATE_FILE} does not exist")
+            state = load_state(state_dir / STATE_FILE)
+        elif (state_dir / STATE_FILE).exists():
+            raise SystemExit(f"{state_dir} holds a run already: pass --resume to continue it, or choose another "
+                             "--state")
+    if state is not None:
+        settings = settings_from_dict(state["settings"])
+        meta = state["meta"]
+        overrides, data = list(meta["overrides"]), dict(meta["data"])
+        if args.steps is not None and args.steps != settings.steps:
+            print(f"{name}total steps {settings.steps} -> {args.steps}", flush=True)
+            settings.steps = args.steps
+        settings.bf16 = args.bf16 or (settings.bf16 and device.type == "cuda")
+    else:
+        steps = args.steps or 20000
+        settings = PretrainSettings(
+            steps=steps, warm_steps=args.warm_steps if args.warm_steps is not None else steps // 10,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, bf16=args.bf16)
+        overrides = [*DEFAULT_OVERRIDES, *args.overrides]
+        data = {"train": args.train, "val": args.val, "size": TINY_IMAGE_SIZE, "seed": DATA_SEED,
+                "categories": list(PRETRAIN_CATEGORIES)}
+        meta = {"overrides": overrides, "data": data, "init": str(args.init) if args.init else None,
+                "sessions": []}
     started = time.perf_counter()
-    torch.set_float32_matmul_precision("high")
-    L.seed_everything(args.seed, workers=True)
-    work = Path(tempfile.mkdtemp(prefix="sam3lora-pretrain-"))
-    data = args.data or write_synthetic(work / "data", train=args.train, val=args.val,
-                                        categories=PRETRAIN_CATEGORIES, seed=101, hard_negatives=0.0)
-    overrides = [
-        f"paths.root_dir={work}", f"data.root={data}", f"data.batch_size={args.batch_size}",
-        f"module.optimizer.lr={args.lr}", "module.optimizer.weight_decay=0.05", "module.scheduler.warmup_steps=100",
-        "module.metrics.ap_every_n_epochs=0", *args.overrides,
-    ]
-    if args.workers is not None:
-        overrides.append(f"data.num_workers={args.workers}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    model, processor = load_model("tiny", seed=args.seed)
-    if args.init is not None:
-        model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
-    model.requires_grad_(True).train()
-    criterion = instantiate(cfg.loss)
-    presence_weight = criterion.weight_dict["loss_presence"]
-    module = instantiate(cfg.module, model=model, criterion=criterion)
-    keep = KeepBest(args.name, args.best_weights)
-    trainer_kwargs = dict(accelerator=args.accelerator, devices=1, gradient_clip_val=1.0, logger=False,
-                          enable_checkpointing=False, num_sanity_val_steps=0, enable_model_summary=False,
-                          enable_progress_bar=False)
+    trainer, val, processor = build(args, settings, overrides, data, device)
+    if args.benchmark is not None:
+        print(json.dumps(benchmark(trainer, args.benchmark)), flush=True)
+        return
+    assert state_dir is not None
+    if state is not None:
+        trainer.load_state_dict(state)
+        del state
+    elif args.init is not None:
+        trainer.module.model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
+    trainer.meta = meta
+    session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
+               "from_step": trainer.step, "to_step": trainer.step, "seconds": 0.0, "images": 0}
+    trainer.meta.setdefault("sessions", []).append(session)
+    print(f"{name}{'resumed' if args.resume else 'new run'} at step {trainer.step}/{settings.steps} on "
+          f"{session['device']} ({len(trainer.train_data)} images, batch {settings.batch_size}, "
+          f"{trainer.steps_per_epoch} steps/epoch, setup {time.perf_counter() - started:.0f} s)", flush=True)
 
-    # Curriculum: presence (is the prompt in the image?) is learnt last. Without negatives the per-query scores
-    # first learn to ground words in pixels; then negatives teach presence on top of grounded features. The warm
-    # stage does not train presence at all: with every prompt present, its logit runs into SAM 3's clamp (+-10),
-    # where the gradient is zero, and presence then stays at chance once negatives arrive.
-    warm_epochs, main_epochs = args.warm_epochs, args.epochs - args.warm_epochs
-    if args.budget is not None:
-        datamodule = instantiate(cfg.data, processor=processor, negative_ratio=1.0)
-        timer = StepTimer()
-        L.Trainer(max_steps=CALIBRATION_STEPS, limit_val_batches=0, callbacks=[timer], **trainer_kwargs).fit(
-            module, datamodule=datamodule)
-        steps_per_epoch = len(datamodule.train_dataloader())
-        epoch_s = timer.seconds_per_step * steps_per_epoch * 1.1  # + validation
-        left = args.budget - (time.perf_counter() - started)
-        warm_epochs = max(1, int(left * args.warm_fraction / epoch_s)) if args.warm_fraction > 0 else 0
-        main_epochs = max(1, int(left * (1 - args.warm_fraction) / epoch_s))
-        print(f"[{args.name}] calibration: {timer.seconds_per_step * 1000:.0f} ms/step, {steps_per_epoch} steps/epoch,"
-              f" {left:.0f} s left -> {warm_epochs} warm + {main_epochs} main epochs", flush=True)
-    stages = (("warm", warm_epochs, 0.0), ("main", main_epochs, 1.0))
-    for stage, epochs, negative_ratio in stages:
-        if epochs <= 0:
-            continue
-        keep.stage = stage
-        criterion.weight_dict["loss_presence"] = presence_weight if negative_ratio > 0 else 0.0
-        datamodule = instantiate(cfg.data, processor=processor, negative_ratio=negative_ratio)
-        limit = None
-        if args.budget is not None:  # a hard stop in case the calibration was optimistic
-            left = args.budget - (time.perf_counter() - started)
-            limit = {"seconds": max(left * (args.warm_fraction if stage == "warm" else 1.0), 1.0)}
-        trainer = L.Trainer(max_epochs=epochs, max_time=limit, callbacks=[keep], **trainer_kwargs)
-        trainer.fit(module, datamodule=datamodule)
-    record = {"preset": "tiny-pretrained", "categories": list(PRETRAIN_CATEGORIES), "warm_epochs": warm_epochs,
-              "main_epochs": main_epochs, "best_epoch": keep.epoch, "val_cgF1": keep.best[0], "val_iou": keep.best[1],
-              "train_images": args.train, "init": str(args.init) if args.init else None,
-              "batch_size": args.batch_size, "lr": args.lr, "overrides": args.overrides,
-              "seconds": round(time.perf_counter() - started)}
-    if args.history is not None:
-        args.history.write_text(json.dumps({"record": record, "history": keep.history}, indent=2))
-    print(f"[{args.name}] best {keep.epoch}: val/cgF1 {keep.best[0]:.3f} val/iou {keep.best[1]:.4f}", flush=True)
-    if not args.no_out and keep.state is not None:
-        model.load_state_dict({k: v.float() for k, v in keep.state.items()})
-        write_pretrained(model, processor, args.out, record)
+    stop = StopFlag()
+    budget_end = None if args.budget is None else started + args.budget
+    last_save = time.perf_counter()
+    sums: dict[str, float] = {}
+    count, session_images = 0, trainer.images_seen
+    while trainer.step < settings.steps and not stop.stop:
+        if budget_end is not None and time.perf_counter() >= budget_end:
+            break
+        t0 = time.perf_counter()
+        losses = trainer.train_step()
+        trainer.seconds += time.perf_counter() - t0
+        session["seconds"] += time.perf_counter() - t0
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        session["to_step"], session["images"] = trainer.step, trainer.images_seen - session_images
+        if trainer.step % args.val_every == 0 or trainer.step == settings.steps:
+            validate(trainer, val, state_dir, name, sums, count)
+            sums, count = {}, 0
+            save(trainer, state_dir)
+            last_save = time.perf_counter()
+        elif time.perf_counter() - last_save >= args.save_every:
+            save(trainer, state_dir)
+            last_save = time.perf_counter()
+    session["images_per_s"] = round(session["images"] / max(session["seconds"], 1e-9), 2)
+    save(trainer, state_dir)
+    print(f"{name}session: steps {session['from_step']} -> {trainer.step} ({session['images']} images, "
+          f"{session['seconds']:.0f} s, {session['images_per_s']} images/s); run: {trainer.images_seen} images, "
+          f"{trainer.seconds:.0f} s; best {trainer.best}; state in {state_dir}", flush=True)
+    if trainer.step >= settings.steps and args.out is not None and (state_dir / BEST_FILE).is_file():
+        record = {**trainer.meta, "best_step": trainer.best.get("step"), "val_cgF1": trainer.best.get("val_cgF1"),
+                  "val_iou": trainer.best.get("val_iou"), "images_seen": trainer.images_seen,
+                  "train_seconds": round(trainer.seconds), "settings": asdict(settings)}
+        model = trainer.module.model
+        model.load_state_dict({k: v.float() for k, v in load_file(str(state_dir / BEST_FILE)).items()})
+        write_pretrained(model.cpu(), processor, args.out, record)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -274,14 +274,21 @@ def _make_image(cats: list[Category], size: int, index: int, rng: np.random.Gene
     return out, instances
 
 
+def render_image(cats: list[Category], size: int, seed: int, split: str, index: int, hard_negatives: float,
+                 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Image ``index`` of ``split`` as :func:`write_synthetic` draws it: uint8 (size, size, 3) and
+    ``[(category_id, visible bool mask)]`` (visible masks never overlap)."""
+    rng = np.random.default_rng([seed, _SPLIT_SEEDS[split], index])
+    return _make_image(cats, size, index, rng, hard_negatives)
+
+
 def _split_coco(cats: list[Category], split: str, count: int, size: int, seed: int, images_dir: Path,
                 hard_negatives: float
                 ) -> dict[str, Any]:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index in range(count):
-        rng = np.random.default_rng([seed, _SPLIT_SEEDS[split], index])
-        img, instances = _make_image(cats, size, index, rng, hard_negatives)
+        img, instances = render_image(cats, size, seed, split, index, hard_negatives)
         file_name = f"{index:06d}.png"
         Image.fromarray(img, "RGB").save(images_dir / file_name, format="PNG")
         image_id = index + 1
