@@ -364,13 +364,19 @@ class Pretrainer:
         self.maker.negative_ratio = 0.0 if warm else s.negative_ratio
         criterion = self.module.criterion
         criterion.weight_dict["loss_presence"] = 0.0 if warm else self.presence_weight
-        batch = self.maker(self._indices(step), _step_generator(s.seed, step, self.device))
+        gen = _step_generator(s.seed, step, self.device)
+        batch = self.maker(self._indices(step), gen)
         self.module.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            outputs = self.module(batch)
-            losses = criterion(outputs, batch.targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        # the model's own randomness (dropout) and the loss's (point sampling) from (seed, step) too, so that a
+        # step does not depend on what ran before it in this process
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=gen, device=self.device)))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+                outputs = self.module(batch)
+                losses = criterion(outputs, batch.targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
         if s.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], s.grad_clip)
         self.optimizer.step()
