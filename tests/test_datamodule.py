@@ -21,6 +21,7 @@ from sam3lora.data.coco import DataError
 from sam3lora.data.datamodule import Sam3DataModule
 from sam3lora.data.readers import BadSampleError, DatasetReader, ImageRecord, Instance
 from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.validate import DatasetProblems
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 S = 224  # the tiny model's input size
@@ -200,11 +201,49 @@ def _broken_copy(data_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path, int]
 
 
 def test_bad_sample_raise_names_the_file(processor, data_dir, tmp_path):
+    """A missing image is found when the split is opened (setup), before any batch."""
     root, gone, _, _ = _broken_copy(data_dir, tmp_path)
-    dm = make_dm(processor, root, batch_size=6, on_bad_sample="raise")
-    with pytest.raises(BadSampleError, match="image file not found") as err:
-        first(dm.train_dataloader())
-    assert str(gone) in str(err.value)
+    with pytest.raises(DatasetProblems, match="image file not found") as err:
+        make_dm(processor, root, batch_size=6, on_bad_sample="raise")
+    assert str(err.value).startswith(f"{gone}: 1 problem(s) in split 'train'")
+    assert [i.file for i in err.value.issues] == [str(gone)] and "on_bad_sample=skip" in str(err.value)
+
+
+def test_up_front_checks_refuse_every_problem_or_skip_exactly_the_bad_samples(processor, data_dir, tmp_path,
+                                                                              caplog):
+    """Problems validate reports (unknown category, box outside the image, wrong size, duplicate ids) are refused
+    all at once under raise; under skip exactly those samples are skipped, each counted once per epoch."""
+    root = tmp_path / "bad" / "synthetic"
+    shutil.copytree(data_dir / "synthetic", root)
+    ann = root / "train" / "annotations.json"
+    data = json.loads(ann.read_text())
+    by_image = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], a)
+    ids = [im["id"] for im in data["images"]]
+    by_image[ids[0]]["category_id"] = 99
+    by_image[ids[2]]["bbox"] = [200.0, 200.0, 100.0, 100.0]
+    data["images"][3]["width"] += 8  # annotated size differs from the file
+    data["annotations"].append(dict(by_image[ids[0]], id=10**6, image_id=4242))  # names a missing image
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetProblems) as err:
+        make_dm(processor, root.parent, batch_size=2, on_bad_sample="raise")
+    got = sorted((i.id, i.message.split(" ")[0], i.sample) for i in err.value.issues)
+    assert len(got) == 4 and {g[2] for g in got} == {ids[0], ids[2], ids[3], None}
+    with caplog.at_level(logging.WARNING, logger="sam3lora.data.datamodule"):
+        dm = make_dm(processor, root.parent, batch_size=2, on_bad_sample="skip")
+        batches = list(dm.train_dataloader())
+    assert sorted(dm.train_dataset.known_bad) == [0, 2, 3]
+    assert dm.train_dataset.bad_count() == 3
+    assert "train split: skipped 3 bad sample(s) this epoch" in caplog.text
+    assert "unknown category id 99" in caplog.text
+    assert "ignored (on_bad_sample=skip)" in caplog.text and "missing image id 4242" in caplog.text
+    seen = [i for b in batches for i in b.image_ids.tolist()]
+    assert not {ids[0], ids[2], ids[3]} & set(seen) and len(seen) == len(ids)
+    data["images"][5]["id"] = data["images"][4]["id"]  # duplicate image ids spoil the split: refused under skip
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"duplicate image id\(s\)"):
+        make_dm(processor, root.parent, batch_size=2, on_bad_sample="skip")
 
 
 def test_bad_sample_skip_logs_and_counts(processor, data_dir, tmp_path, caplog):
@@ -432,8 +471,10 @@ def test_coco_reader_errors_name_the_file(tmp_path):
     with pytest.raises(BadSampleError, match=r"b\.png: image is 16x8 \(WxH\) but annotated as 16x16"):
         reader.load_image(b)
     unknown = [{"id": 5, "image_id": 1, "category_id": 9, "bbox": [0, 0, 4, 4], "segmentation": []}]
-    with pytest.raises(DataError, match=r"annotations\.json: annotation 5 names unknown category 9"):
-        CocoReader(_write_coco(tmp_path / "ds2", images[:1], unknown, categories), "train")
+    reader = CocoReader(_write_coco(tmp_path / "ds2", images[:1], unknown, categories), "train")
+    assert [(i.id, i.message, i.sample) for i in reader.problems()] == [(5, "unknown category id 9", 1)]
+    with pytest.raises(BadSampleError, match=r"annotations\.json: annotation 5: unknown category id 9"):
+        reader.instances(reader.images()[0])
     with pytest.raises(DataError, match=r"missing.*annotations\.json: file not found"):
         CocoReader(tmp_path / "missing", "train")
 

@@ -6,10 +6,16 @@ vision encoder runs once per image. Randomness is a function of ``(seed, epoch, 
 ``num_workers``; the shuffle uses a ``torch.Generator`` seeded from ``(seed, epoch)`` and
 :func:`seed_worker` seeds each worker's global RNGs (for user transforms that use them).
 
-Bad samples (missing/undecodable image, size mismatch, malformed annotation: :class:`BadSampleError`):
-``on_bad_sample: raise`` stops with the file and the problem; ``skip`` logs each one and the count at the
-end of the epoch. Training replaces a skipped image by the next good one (batches never come out empty);
-validation drops it (no duplicated image ids in evaluation), so a validation batch may hold no rows.
+Bad samples: when a split is opened the reader's up-front checks run (:meth:`DatasetReader.problems`; for the COCO
+reader every check of ``sam3lora-data validate`` but the whole decode of each image, which stays lazy: a header
+read per image instead of a decode); a sample may still fail when loaded (a truncated or undecodable file:
+:class:`BadSampleError`). ``on_bad_sample: raise`` refuses the split with every problem found up front
+(:class:`~sam3lora.data.validate.DatasetProblems`, the first file first) or stops at a sample that fails to load;
+``skip`` skips exactly the bad samples (those found up front and those that fail), logs each one and the count of
+distinct bad samples at the end of the epoch. A problem that spoils the whole split (unreadable json, duplicate
+image or category ids) is refused under both. Training replaces a skipped image by the next good one (batches
+never come out empty); validation drops it (no duplicated image ids in evaluation), so a validation batch may
+hold no rows.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sam3lora.data.coco import DataError
 from sam3lora.data.readers import BadSampleError, DatasetReader, ReaderFactory, build_reader
 from sam3lora.data.rows import VISUAL_PROMPT, PromptSettings, Row, build_rows
 from sam3lora.data.transforms import Sam3Transform, build_transform
+from sam3lora.data.validate import DatasetProblems, Issue
 
 log = logging.getLogger(__name__)
 TEXT_LENGTH = 32
@@ -95,6 +102,36 @@ class Sam3Dataset(Dataset):
         self.on_bad_sample = on_bad_sample
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with workers
         self.bad = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()  # bad this epoch, by index
+        self.known_bad = self._check(list(reader.problems()))
+
+    def _check(self, issues: list[Issue]) -> dict[int, tuple[str, str]]:
+        """Refuse the split's up-front problems (``raise``, or any fatal one) or map each bad sample's index to
+        its first problem (``skip``); problems tied to no sample (an annotation of a missing image) are logged."""
+        split, root = self.reader.split, self.reader.root
+        if not issues:
+            return {}
+        if self.on_bad_sample == "raise" or any(i.fatal for i in issues):
+            hint = f"; {SKIP_HINT}" if not any(i.fatal for i in issues) else ""
+            if len(issues) > 20:  # the message shows 20; the log holds them all
+                for issue in issues:
+                    log.error("%s", issue)
+            raise DatasetProblems(issues[0].file, issues,
+                                  f"{len(issues)} problem(s) in split '{split}' of {root}{hint}")
+        index: dict[int, list[int]] = {}
+        for k, record in enumerate(self.records):
+            index.setdefault(record.id, []).append(k)
+        known: dict[int, tuple[str, str]] = {}
+        for issue in issues:
+            if issue.sample is None:
+                log.warning("%s split: ignored (on_bad_sample=skip): %s", split, issue.located())
+                continue
+            for k in index.get(issue.sample, []):
+                known.setdefault(k, (issue.file, issue.message if issue.id is None else
+                                     f"[id {issue.id}] {issue.message}"))
+        if known:
+            log.warning("%s split: %d bad sample(s) found when opening %s will be skipped (on_bad_sample=skip)",
+                        split, len(known), root)
+        return known
 
     def __len__(self) -> int:
         return len(self.records)
@@ -109,6 +146,8 @@ class Sam3Dataset(Dataset):
         return int(self.bad.sum())
 
     def _load(self, index: int) -> ImageSample:
+        if index in self.known_bad:
+            raise BadSampleError(*self.known_bad[index])
         record = self.records[index]
         image = self.reader.load_image(record)
         instances = self.reader.instances(record)

@@ -6,8 +6,10 @@ edit of this package. :class:`CocoReader` reads the canonical layout of ``docs/c
 
     root/<split>/annotations.json   root/<split>/images/<file_name>
 
-A problem with one image (missing or unreadable file, size mismatch, malformed annotation) raises
-:class:`BadSampleError`, which the data module skips or re-raises (``on_bad_sample``).
+:meth:`DatasetReader.problems` lists what is wrong before training starts (for :class:`CocoReader`: every check of
+``sam3lora-data validate`` except the whole decode of each image, which stays lazy); a problem met while loading
+one image (an undecodable or truncated file, a malformed annotation) raises :class:`BadSampleError`. The data
+module refuses or skips both alike (``on_bad_sample``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from sam3lora.data.coco import DataError, annotation_to_mask, check_unique_ids, read_coco
+from sam3lora.data.coco import DataError, annotation_to_mask, check_unique_ids, read_coco, safe_relpath
 from sam3lora.data.images import ImageDecodeError, decode_image
+from sam3lora.data.validate import Issue, check_split
 
 
 class BadSampleError(DataError):
@@ -78,6 +81,11 @@ class DatasetReader(ABC):
     def instances(self, image: ImageRecord) -> list[Instance]:
         """Objects of ``image`` (crowd annotations excluded)."""
 
+    def problems(self) -> Sequence[Issue]:
+        """Errors found by checking the split up front (each with the image id it spoils as ``sample``, or
+        ``fatal``); the data module refuses them or skips those samples. Default: none (nothing checked)."""
+        return ()
+
     def load_image(self, image: ImageRecord) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` decoded whole by :func:`sam3lora.data.images.decode_image` (truncated
         files are bad samples, 16-bit images are scaled); EXIF orientation ignored (annotations use stored pixels)."""
@@ -108,15 +116,18 @@ class CocoReader(DatasetReader):
             self.coco.createIndex()
         self._prompts = self._read_prompts(data["categories"])
         self._images = [self._record(img) for img in data["images"]]
-        for ann in data["annotations"]:
-            if ann["image_id"] not in self.coco.imgs:
-                raise DataError(self.annotation_file, f"annotation {ann['id']} names unknown image {ann['image_id']}")
-            if ann["category_id"] not in self._prompts:
-                raise DataError(
-                    self.annotation_file, f"annotation {ann['id']} names unknown category {ann['category_id']}"
-                )
         if not self._prompts:
             raise DataError(self.annotation_file, "no categories")
+
+    def problems(self) -> Sequence[Issue]:
+        """Every error ``sam3lora-data validate`` reports for this split, except that image files are checked by
+        their header (exists, decodable header, size) instead of a whole decode: :meth:`load_image` decodes each
+        whole when it is used (a truncated file is a bad sample then). Cost: one header read per image."""
+        errors, _, _ = check_split(
+            self.split, self.coco.dataset, json_file=self.annotation_file, images="header",
+            image_path=lambda im: self.image_dir / safe_relpath(im["file_name"], self.annotation_file),
+        )
+        return errors
 
     def _read_prompts(self, categories: list[dict[str, Any]]) -> dict[int, list[str]]:
         prompts: dict[int, list[str]] = {}
@@ -149,6 +160,9 @@ class CocoReader(DatasetReader):
         for ann in self.coco.imgToAnns.get(image.id, []):
             if ann.get("iscrowd", 0):
                 continue
+            if ann["category_id"] not in self._prompts:
+                raise BadSampleError(self.annotation_file, f"annotation {ann['id']}: unknown category id "
+                                                           f"{ann['category_id']}")
             bbox = ann["bbox"]
             try:
                 box = tuple(float(v) for v in bbox)
@@ -180,9 +194,15 @@ def build_reader(reader: ReaderFactory | Mapping[str, Any] | None, root: str | P
     elif isinstance(reader, Mapping):
         if "_target_" not in reader:
             raise ValueError(f"data.reader must name a class with '_target_', got keys {sorted(reader)}")
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
-        built = instantiate(reader, root=str(root), split=split)
+        try:
+            built = instantiate(reader, root=str(root), split=split)
+        except InstantiationException as err:  # the reader's own DataError (names its file), not Hydra's wrapper
+            if isinstance(err.__cause__, DataError):
+                raise err.__cause__ from None
+            raise
         if callable(built) and not isinstance(built, DatasetReader):  # `_partial_: true`
             built = built()
     elif callable(reader):
