@@ -21,6 +21,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from sam3lora.errors import Sam3LoRAError
 from sam3lora.io import atomic_dir
 
 SIDECAR = "sam3lora.json"
@@ -28,7 +29,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(Sam3LoRAError, ValueError):
     """The adapter does not fit the base model it is being loaded into."""
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 #: Projection names a preset may target. ``o_proj`` also covers the CLIP text encoder's ``out_proj``; ``fc1``
 #: and ``fc2`` are the MLPs (in the mask decoder: the three-layer ``mask_embedder``).
+from sam3lora.errors import Sam3LoRAError
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 VARIANTS = ("lora", "dora", "rslora")
 
@@ -60,7 +62,7 @@ _LAYER_LISTS = {
 }
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(Sam3LoRAError, ValueError):
     """A LoRA setting names something the model does not have."""
 
 

@@ -629,3 +629,21 @@ def test_demo_caps_prompts_and_boxes_and_removes_its_temporary_folder(tmp_path: 
     given.mkdir()
     DemoService(predictor, out_root=given).close()  # type: ignore[arg-type]
     assert given.is_dir()  # a folder the user named is never removed
+
+
+def test_every_user_error_class_derives_from_one_base() -> None:
+    """The CLIs catch one base class (sam3lora.errors.Sam3LoRAError) for their one-line errors and exit status 2."""
+    from sam3lora.adapter import AdapterMismatchError
+    from sam3lora.data.coco import DataError
+    from sam3lora.errors import Sam3LoRAError, user_errors
+    from sam3lora.inference.errors import AdapterLoadError, ImageReadError, PredictorError, PromptError
+    from sam3lora.lora import LoraTargetError
+    from sam3lora.model import ModelLoadError
+    from sam3lora.model.dac import DacError
+    from sam3lora.perf import FeatureCacheError
+    from sam3lora.training.app import ConfigError
+
+    for cls in (AdapterMismatchError, DataError, AdapterLoadError, ImageReadError, PredictorError, PromptError,
+                LoraTargetError, ModelLoadError, DacError, FeatureCacheError, ConfigError):
+        assert issubclass(cls, Sam3LoRAError), cls
+    assert Sam3LoRAError in user_errors()

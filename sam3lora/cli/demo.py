@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("sam3lora-demo: error: Gradio is not installed: pip install 'sam3lora[demo]'", file=sys.stderr)
         return 2
-    from sam3lora.inference.errors import exit_status
+    from sam3lora.errors import exit_status
 
     try:
         return exit_status("sam3lora-demo", run, args)

@@ -21,7 +21,7 @@ CONF_DIR = "pkg://sam3lora.conf"
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from sam3lora.inference.errors import exit_status  # heavy imports after Hydra parsed the command line
+    from sam3lora.errors import exit_status  # heavy imports after Hydra parsed the command line
     from sam3lora.inference.eval_app import run
 
     status = exit_status("sam3lora-eval", run, cfg)

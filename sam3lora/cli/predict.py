@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sam3lora-predict``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from sam3lora.inference.errors import exit_status
+    from sam3lora.errors import exit_status
 
     return exit_status("sam3lora-predict", run, args)
 

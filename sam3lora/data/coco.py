@@ -28,13 +28,14 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
+from sam3lora.errors import Sam3LoRAError
 from sam3lora.io import atomic_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-class DataError(Exception):
+class DataError(Sam3LoRAError):
     """Bad user input: ``str(err)`` is ``"<file>: <problem>"``; ``path`` and ``problem`` are kept apart."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:

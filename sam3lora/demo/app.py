@@ -21,7 +21,7 @@ from PIL import Image
 
 from sam3lora.demo.examples import Example
 from sam3lora.demo.service import DEFAULT_LIMITS, ROW_HEADERS, DemoService, UploadLimits, add_corner, check_upload
-from sam3lora.inference.errors import one_line, user_errors
+from sam3lora.errors import one_line, user_errors
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # Blocks(analytics_enabled=False) too: no telemetry
 log = logging.getLogger(__name__)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import Any
+from sam3lora.errors import Sam3LoRAError
 
 
-class PredictorError(ValueError):
+class PredictorError(Sam3LoRAError, ValueError):
     """Base class: bad input to the predictor or one of the inference CLIs (one-line message)."""
 
 
@@ -26,29 +24,3 @@ class ImageReadError(PredictorError):
 
 class AdapterLoadError(PredictorError):
     """An adapter (PEFT directory or Lightning checkpoint) is missing, malformed or incomplete."""
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input rather than a bug: the CLIs print them as one line and exit 2."""
-    from sam3lora.adapter import AdapterMismatchError
-    from sam3lora.data.coco import DataError
-    from sam3lora.lora import LoraTargetError
-    from sam3lora.model import ModelLoadError
-
-    return (PredictorError, AdapterMismatchError, ModelLoadError, LoraTargetError, DataError, FileExistsError)
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line."""
-    return " ".join(str(err).split())
-
-
-def exit_status(prog: str, run: Callable[..., Any], *args: Any) -> int:
-    """The exit status of ``run(*args)``: its result if that is an int, else 0; a user error
-    (:func:`user_errors`) is printed on one line as ``<prog>: error: ...`` on stderr and gives 2."""
-    try:
-        status = run(*args)
-    except user_errors() as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    return status if isinstance(status, int) else 0

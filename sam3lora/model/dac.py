@@ -23,11 +23,13 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
+from sam3lora.errors import Sam3LoRAError
+
 DAC_KWARG = "sam3lora_dac"
 _HOOKED = "_sam3lora_dac_hooked"
 
 
-class DacError(RuntimeError):
+class DacError(Sam3LoRAError, RuntimeError):
     """The model cannot run the one-to-many (DAC) queries."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import Sam3Config, Sam3Model, Sam3Processor
 
+from sam3lora.errors import Sam3LoRAError
 from sam3lora.model.tiny import PRETRAINED_DIR, materialise_tiny
 
 HUB_ID = "facebook/sam3"
@@ -16,7 +17,7 @@ HUB_ID = "facebook/sam3"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(Sam3LoRAError, RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
 
 

@@ -23,12 +23,14 @@ import torch
 from torch import Tensor, nn
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
+from sam3lora.errors import Sam3LoRAError
+
 CACHE_MODES = ("memory", "disk")
 #: albumentations ops that are the same on every call (with these arguments)
 _DETERMINISTIC_OPS = {"Resize", "LongestMaxSize", "SmallestMaxSize", "Normalize", "ToFloat", "FromFloat"}
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(Sam3LoRAError, ValueError):
     """A feature cache cannot be used with this model or data; the message says why and what to do."""
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from sam3lora.errors import Sam3LoRAError
 from sam3lora.io import atomic_file
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
@@ -34,7 +35,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 TABLE_METRICS = ("val/iou", "val/dice", "val/cgF1", "val/IL_MCC", "val/pmF1", "val/segm_AP", "val/bbox_AP")
 
 
-class ConfigError(ValueError):
+class ConfigError(Sam3LoRAError, ValueError):
     """A config value is wrong; the message names the key."""
 
 
@@ -124,11 +125,11 @@ def run_job(cfg: DictConfig, prog: str = "sam3lora-train") -> float | None:
     """:func:`run` as the CLI runs it: a user error (bad config value, data, model, adapter) is printed as one
     line ``<prog>: error: ...`` on stderr and exits with status 2; ``HYDRA_FULL_ERROR=1`` re-raises it instead
     (the full traceback)."""
-    from sam3lora.inference.errors import one_line, user_errors
+    from sam3lora.errors import one_line, user_errors
 
     try:
         return run(cfg)
-    except (*user_errors(), ConfigError) as err:
+    except user_errors() as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
