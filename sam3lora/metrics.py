@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchmetrics import Metric
 from torchvision.ops import box_convert
+
+from sam3lora.io import write_whole
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 """0.50:0.05:0.95, as COCO and SAM 3's cgF1."""
@@ -269,19 +270,8 @@ def _xyxy_to_xywh(boxes: Tensor) -> list[list[float]]:
 
 
 def write_coco_results(path: str | os.PathLike[str], results: Iterable[dict[str, Any]]) -> Path:
-    """Write COCO-format detections as one JSON list, atomically (temporary file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(results), f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write COCO-format detections as one JSON list, whole or not at all."""
+    return write_whole(path, json.dumps(list(results)))
 
 
 class CocoApAccumulator:

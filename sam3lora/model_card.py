@@ -23,13 +23,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
+
+from sam3lora.io import write_whole
 
 CARD = "README.md"
 SAM3_HUB_ID = "facebook/sam3"
@@ -102,21 +103,6 @@ def portable_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(fingerprint)
     out["name_or_path"] = portable_base_name(out.get("name_or_path"))
     return out
-
-
-def write_text_whole(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and one rename: readers see the old or the new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------------------------------- facts
@@ -318,9 +304,9 @@ def write_adapter_card(directory: str | Path, model: nn.Module, sidecar: Mapping
         config = json.loads(config_path.read_text())
         if config.get("base_model_name_or_path"):
             config["base_model_name_or_path"] = portable_base_name(config["base_model_name_or_path"])
-            write_text_whole(config_path, json.dumps(config, indent=2, sort_keys=True))
+            write_whole(config_path, json.dumps(config, indent=2, sort_keys=True))
     plain_sidecar = json.loads(json.dumps(sidecar, default=str))
-    return write_text_whole(directory / CARD, adapter_card(model, plain_sidecar, portable_path(ref)))
+    return write_whole(directory / CARD, adapter_card(model, plain_sidecar, portable_path(ref)))
 
 
 def finish_run_cards(trainer: Any, results: Mapping[str, Any]) -> list[Path]:
@@ -348,8 +334,8 @@ def finish_run_cards(trainer: Any, results: Mapping[str, Any]) -> list[Path]:
         run["training"] = training
         sidecar["run"] = run
         text = adapter_card(trainer.lightning_module.model, sidecar, portable_path(callback.dirpath))
-        write_text_whole(callback.dirpath / SIDECAR, json.dumps(sidecar, indent=2, default=str))
-        written.append(write_text_whole(callback.dirpath / CARD, text))
+        write_whole(callback.dirpath / SIDECAR, json.dumps(sidecar, indent=2, default=str))
+        written.append(write_whole(callback.dirpath / CARD, text))
     return written
 
 
@@ -391,7 +377,7 @@ def write_merged_card(directory: str | Path, facts: Mapping[str, Any], merged: n
     from sam3lora.adapter import base_fingerprint
 
     full = {**facts, "dtype": dtype, "fingerprint": base_fingerprint(merged)}
-    return write_text_whole(Path(directory) / CARD, render(json.loads(json.dumps(full, default=str))))
+    return write_whole(Path(directory) / CARD, render(json.loads(json.dumps(full, default=str))))
 
 
 # --------------------------------------------------------------------------------------------------- render

@@ -20,7 +20,8 @@ from sam3lora.inference.errors import PredictorError
 from sam3lora.inference.evaluate import EvalSettings, evaluate
 from sam3lora.inference.loading import adapter_name_for
 from sam3lora.inference.predictor import Sam3LoRAPredictor
-from sam3lora.inference.report import atomic_write, bar_chart, markdown_table, write_json
+from sam3lora.inference.report import bar_chart, markdown_table, write_json
+from sam3lora.io import write_whole
 from sam3lora.metrics import write_coco_results
 
 BASE_NAME = "base"
@@ -104,7 +105,7 @@ def run(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
             }
     title = f"{cfg.data.root} / {cfg.data.split}: {n_images} images, {len(reader.categories())} categories"
     table = markdown_table(results, title)
-    atomic_write(out_dir / "metrics.md", table)
+    write_whole(out_dir / "metrics.md", table)
     write_json(out_dir / "metrics.json", report)
     bar_chart(results, out_dir / "metrics.png", title)
     console.print(table, markup=False, highlight=False)

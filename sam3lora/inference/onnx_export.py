@@ -21,6 +21,7 @@ from torch import nn
 from transformers import Sam3Model, Sam3Processor
 
 from sam3lora.inference.errors import PredictorError
+from sam3lora.io import write_whole
 
 INPUTS = ("pixel_values", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels")
 OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")
@@ -129,4 +130,4 @@ def _verify(wrapper: _RowForward, processor: Sam3Processor, path: Path) -> float
 
 
 def write_onnx_info(path: Path, info: dict[str, Any]) -> None:
-    path.write_text(json.dumps(info, indent=2))
+    write_whole(path, json.dumps(info, indent=2))

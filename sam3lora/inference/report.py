@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from sam3lora.io import write_whole
 
 # column -> (metric key, format); IoU, Dice and AP are fractions, cgF1 / pmF1 x100, IL_MCC in [-1, 1]
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -44,22 +44,8 @@ def markdown_table(results: Mapping[str, Mapping[str, float]], title: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` whole: temporary file beside it, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: Path, data: Any) -> Path:
-    return atomic_write(path, json.dumps(data, indent=2))
+    return write_whole(path, json.dumps(data, indent=2))
 
 
 def bar_chart(results: Mapping[str, Mapping[str, float]], path: Path, title: str) -> Path:
@@ -89,4 +75,4 @@ def bar_chart(results: Mapping[str, Mapping[str, float]], path: Path, title: str
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
+    return write_whole(path, buffer.getvalue())

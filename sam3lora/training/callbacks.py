@@ -147,6 +147,12 @@ def _overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.nda
     return out
 
 
+def save_figure(figure: plt.Figure, path: Path, dpi: int = 80) -> None:
+    """Save a matplotlib figure as PNG, whole or not at all."""
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, format="png")
+
+
 class TrainingPlots(L.Callback):
     """Plots written under ``dirpath`` (and to TensorBoard when it is a logger).
 
@@ -186,8 +192,7 @@ class TrainingPlots(L.Callback):
             name = f"val_epoch{trainer.current_epoch:03d}"
         else:  # a validate() call outside fit: before training (step 0) or of the best checkpoint
             name = f"val_{trainer.state.fn.value}_step{trainer.global_step}"
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        figure.savefig(self.dirpath / f"{name}.png", dpi=80)
+        save_figure(figure, self.dirpath / f"{name}.png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("val/predictions", figure, global_step=trainer.global_step)
@@ -241,6 +246,5 @@ class TrainingPlots(L.Callback):
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         figure.tight_layout()
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        figure.savefig(self.dirpath / "curves.png", dpi=80)
+        save_figure(figure, self.dirpath / "curves.png")
         plt.close(figure)

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import Sam3Config
 
+from sam3lora.io import write_whole
 from sam3lora.lora import LoraSettings, apply_lora, parameter_report, plan
 from sam3lora.model import HUB_ID, meta_model, resolve
 
@@ -52,7 +53,5 @@ def dry_run(name_or_path: str, settings: LoraSettings, out_dir: str | Path, seed
     """Print the parameter table and write ``lora_summary.json`` into ``out_dir``."""
     summary = lora_summary(name_or_path, settings, seed)
     print_summary(summary)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lora_summary.json").write_text(json.dumps(summary, indent=2))
+    write_whole(Path(out_dir) / "lora_summary.json", json.dumps(summary, indent=2))
     return summary
