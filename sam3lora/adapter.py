@@ -23,6 +23,7 @@ from torch import nn
 
 from sam3lora.errors import Sam3LoRAError
 from sam3lora.io import atomic_dir
+from sam3lora.lora import unwrap_base
 
 SIDECAR = "sam3lora.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -31,10 +32,6 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torc
 
 class AdapterMismatchError(Sam3LoRAError, ValueError):
     """The adapter does not fit the base model it is being loaded into."""
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _strip(name: str) -> str:
@@ -56,7 +53,7 @@ def base_fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096)
     The weight hash rounds to bfloat16 so the same base loaded in another dtype matches; it is None on the meta
     device (no values to hash).
     """
-    base = _base_model(model)
+    base = unwrap_base(model)
     digest = hashlib.sha256()
     taken = 0
     weights_hash: str | None = None
@@ -126,7 +123,7 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool
                 f"weights {weights[0]}) than this base ({actual['name_or_path']!r}, weights {weights[1]}); "
                 "pass check_weights=False to load it anyway"
             )
-    modules = dict(_base_model(model).named_modules())
+    modules = dict(unwrap_base(model).named_modules())
     problems = []
     config = _read_adapter_config(path / "adapter_config.json")
     for key, tensor in read_adapter_weights(path).items():

@@ -145,6 +145,11 @@ class LoraSettings:
         return {name: getattr(self, name) for name in COMPONENTS}
 
 
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The ``Sam3Model`` inside a ``PeftModel`` (the model itself when it has no adapters)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def _layer_count(model: nn.Module, component: str) -> int:
     return len(model.get_submodule(_LAYER_LISTS[component]))
 

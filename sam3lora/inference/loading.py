@@ -22,7 +22,7 @@ from transformers import Sam3Processor
 
 from sam3lora.adapter import AdapterMismatchError, base_fingerprint, load_adapter
 from sam3lora.inference.errors import AdapterLoadError, PredictorError
-from sam3lora.lora import LoraSettings, adapted_modules, lora_config, plan
+from sam3lora.lora import LoraSettings, adapted_modules, lora_config, plan, unwrap_base
 from sam3lora.model import load_model, meta_model
 
 DTYPES = {
@@ -143,7 +143,7 @@ def load_checkpoint_adapter(model: nn.Module, path: str | Path, name: str = "def
     state = {rename(k): v for k, v in state.items()}
     # the layout is planned on plain Linear layers: a model that already holds adapters is planned on its
     # architecture rebuilt on the meta device (no memory)
-    layout = meta_model(model.get_base_model().config) if isinstance(model, PeftModel) else model
+    layout = meta_model(unwrap_base(model).config) if isinstance(model, PeftModel) else model
     config = lora_config(layout, settings)
     intended = {n for names in plan(layout, settings).values() for n in names}
     if isinstance(model, PeftModel):

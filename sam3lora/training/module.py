@@ -24,7 +24,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -32,7 +31,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inve
 
 from sam3lora.adapter import base_fingerprint
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.lora import component_of
+from sam3lora.lora import component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
 from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
 from sam3lora.perf import (
@@ -177,7 +176,7 @@ class Sam3LoRAModule(L.LightningModule):
 
     @property
     def base_model(self) -> nn.Module:
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return unwrap_base(self.model)
 
     @property
     def use_dac(self) -> bool:
