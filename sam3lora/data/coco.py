@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 from pycocotools import mask as mask_utils
 
 from sam3lora.errors import Sam3LoRAError
-from sam3lora.io import atomic_dir
+from sam3lora.io import atomic_dir, write_whole
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -100,18 +99,8 @@ def check_unique_ids(data: Mapping[str, Any], path: str | Path) -> None:
 
 
 def write_coco(data: Mapping[str, Any], path: str | Path) -> None:
-    """Write a COCO dict as json, whole or not at all (temp file beside ``path`` + atomic rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write a COCO dict as json, whole or not at all (``sam3lora.io.write_whole``)."""
+    write_whole(path, json.dumps(data, separators=(",", ":")))
 
 
 # ------------------------------------------------------------------------------------ whole directories

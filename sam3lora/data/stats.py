@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sam3lora.data.coco import DataError, annotation_to_mask, read_coco, safe_relpath
+from sam3lora.io import atomic_file
 
 SPLITS = ("train", "val", "test")
 
@@ -122,15 +121,9 @@ def write_examples_png(root: str | Path, png: str | Path, split: str | None = No
         ax.imshow(rgb)
         ax.set_title(f"{im['file_name']} ({len(anns)})", fontsize=7)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
     return png
