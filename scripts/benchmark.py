@@ -7,6 +7,9 @@ Modes:
     data     the real ``Sam3DataModule`` pipeline (decode, transforms, rows, collate) on a generated synthetic set
     loss     the SAM 3 criterion alone (matching, every term, backward) on random outputs: ``--mask-loss full,points``
              at any ``--image-size`` without running the model (Q and the mask size follow ``--model``)
+    memory   one training step, counting the bytes autograd saves for backward per image and per component
+             (``sam3lora.perf.saved_bytes``): vision/text/geometry encoder, DETR encoder/decoder, mask decoder,
+             other (glue code of the forward, the DAC mask product) and loss; works the same on any device
 
 Every list option is an axis; the grid is their product, and the first value of each axis is its baseline in
 the ratio table (e.g. ``--prompts 1,4`` reports 4 prompts per image against 1). A configuration that runs out of
@@ -27,6 +30,8 @@ Examples (docs/performance.md has the commands behind each table)::
     python scripts/benchmark.py train --model sam3-random --image-size 336 --presets balanced --prompts 1,4 \\
         --vision-path shared,repeated --steps 3 --warmup 1
     python scripts/benchmark.py data --image-size 1008 --workers 2 --batch-sizes 4
+    python scripts/benchmark.py memory --model sam3-random --image-size 336 --batch-sizes 1 --presets balanced \\
+        --activation-checkpointing off,vision_encoder,all
     python scripts/benchmark.py train --model sam3-random --image-size 1008 --device cuda --precision bf16-mixed \\
         --presets minimal,balanced,full --batch-sizes 1,2,4,8 --activation-checkpointing off,on --json gpu.json
 """
@@ -87,7 +92,12 @@ AXES: dict[str, tuple[str, ...]] = {
     "predict": ("preset", "base_dtype", "precision", "text_cache", "merge", "path", "prompts", "batch"),
     "data": ("transforms", "workers", "batch"),
     "loss": ("mask_loss", "prompts", "batch"),
+    "memory": ("preset", "base_dtype", "precision", "ckpt", "o2m", "mask_loss", "prompts", "batch"),
 }
+#: memory mode: components of the saved-bytes table (``sam3lora.perf.saved_bytes``) and their column names
+SAVED_COLUMNS = (("vision_encoder", "vision"), ("text_encoder", "text"), ("geometry_encoder", "geometry"),
+                 ("detr_encoder", "DETR enc"), ("detr_decoder", "DETR dec"), ("mask_decoder", "mask dec"),
+                 ("other", "other"), ("loss", "loss"))
 MODEL_KEYS = ("preset", "base_dtype")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 console = Console(stderr=False, width=200)
@@ -115,6 +125,25 @@ def _switch(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
 
 
+def _checkpointing(text: str) -> bool | list[str]:
+    """``off`` / ``on`` (the encoders, as ``module.perf.activation_checkpointing: true``), ``all``, or components
+    joined by ``+`` (``detr_encoder+detr_decoder``)."""
+    from sam3lora.perf import CHECKPOINTABLE
+
+    if text in ("all", "heads"):
+        return [c for c in CHECKPOINTABLE if text == "all" or c not in ("vision_encoder", "text_encoder")]
+    try:
+        return _switch(text)
+    except argparse.ArgumentTypeError:
+        pass
+    parts = [p for p in text.split("+") if p]
+    unknown = sorted(set(parts) - set(CHECKPOINTABLE))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"expected off, on, all, heads or components of {CHECKPOINTABLE} joined by "
+                                         f"'+', got {text!r}")
+    return [c for c in CHECKPOINTABLE if c in parts]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,8 +161,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", type=_list(str), default=["fp32"], help="fp32 | bf16-mixed (torch.autocast)")
     parser.add_argument("--base-dtype", type=_list(str), default=["float32"], help="frozen base weights: float32 | "
                         "bfloat16 (adapters stay float32)")
-    parser.add_argument("--activation-checkpointing", type=_list(_switch), default=[False], metavar="off,on",
-                        help="vision + text encoder blocks")
+    parser.add_argument("--activation-checkpointing", type=_list(_checkpointing), default=[False],
+                        metavar="off,on,...", help="on: vision + text encoder blocks; all; heads (geometry encoder, "
+                        "DETR encoder/decoder, mask decoder); or components joined by '+' "
+                        "(vision_encoder+detr_decoder)")
     parser.add_argument("--vision-cache", type=_list(str), default=["off"], help="off | memory | disk (train mode; "
                         "presets with a frozen vision encoder only)")
     parser.add_argument("--text-cache", type=_list(_switch), default=[False], metavar="off,on")
@@ -176,7 +207,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.from_json is not None:
         return
     if args.mode is None:
-        parser.error("a mode (train, predict, data, loss) is required unless --from-json is given")
+        parser.error("a mode (train, predict, data, loss, memory) is required unless --from-json is given")
     if args.image_size is None:
         args.image_size = 224 if args.model == "tiny" and args.mode != "data" else 1008
     if args.model == "tiny" and args.mode not in ("data", "loss") and args.image_size != 224:
@@ -358,7 +389,7 @@ def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp
     if vision != "off" and config.get("path") == "repeated":
         raise SkipConfig("vision cache with the repeated-image path")
     settings = PerfSettings(
-        activation_checkpointing=bool(config.get("ckpt", False)),
+        activation_checkpointing=config.get("ckpt", False),
         cache_vision_features=False if vision == "off" else vision,
         vision_cache_dir=str(tmp / "vision_cache") if vision == "disk" else None,
         cache_text_features=bool(config.get("text_cache", False)),
@@ -367,7 +398,7 @@ def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp
         module.configure_perf(settings)
     except FeatureCacheError as err:
         raise SkipConfig(str(err).split(", but")[0]) from None
-    if settings.checkpoint_components and args.flops:
+    if settings.checkpoint_components and args.flops and args.mode != "memory":
         recompute = RecomputeFlops()
         set_activation_checkpointing(module.model, settings.checkpoint_components, checkpoint_fn=recompute)
         return recompute
@@ -492,6 +523,49 @@ def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
 
 
+def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Namespace, device: torch.device,
+                      tmp: Path) -> dict[str, Any]:
+    """One training step whose forward and loss count the bytes saved for backward, per component and image."""
+    from sam3lora.perf.saved_bytes import LOSS, SavedBytes
+
+    module = models.get(config)
+    configure(module, config, args, tmp)
+    batch = make_batches(module, {**config, "path": "shared"}, args, device)[0]
+    module.criterion = models.criterion(config["mask_loss"], config["o2m"]).to(device)
+    module.train()
+    before = reset_peak(device)
+    counter = SavedBytes(module.model)
+    try:
+        sync(device)
+        start = time.perf_counter()
+        with counter.recording(), autocast(config["precision"], device):
+            outputs = module(batch)
+            with counter.label(LOSS):
+                loss = module.criterion(outputs, batch.targets)["loss"]
+        report = counter.report(images=batch.num_images, rows=batch.num_rows)
+        del outputs
+        loss.backward()
+        sync(device)
+        step_s = time.perf_counter() - start
+        peak = read_peak(device)
+    finally:
+        counter.remove()
+        module.zero_grad(set_to_none=True)
+    per_image = report.per_image()
+    result: dict[str, Any] = {
+        "rows": batch.num_rows, "images": batch.num_images, "step_s": step_s, "rows_per_s": batch.num_rows / step_s,
+        "images_per_s": batch.num_images / step_s, "peak_gb": peak, "mem_before_gb": before,
+        "step_mem_gb": peak - before, "loss": float(loss.detach()),
+        "saved_gb_per_image": per_image["total"] / 1e9,
+        "saved_gb_per_image_by_component": {k: v / 1e9 for k, v in per_image.items() if k != "total"},
+        "checkpoint_input_gb_per_image": {k: v / batch.num_images / 1e9 for k, v in report.checkpoint_inputs.items()},
+        "saved_tensors": report.tensors,
+    }
+    for component, _ in SAVED_COLUMNS:
+        result[f"saved_{component}_gb"] = result["saved_gb_per_image_by_component"].get(component, 0.0)
+    return result
+
+
 def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """One data-pipeline configuration: batches from ``Sam3DataModule.train_dataloader`` -> rows/s, images/s."""
     from sam3lora.data.datamodule import Sam3DataModule
@@ -592,6 +666,8 @@ def run_one(config: dict[str, Any], args: argparse.Namespace, device: torch.devi
             record.update(run_data_config(config, args, data_root))  # type: ignore[arg-type]
         elif args.mode == "loss":
             record.update(run_loss_config(models, config, args, device))  # type: ignore[arg-type]
+        elif args.mode == "memory":
+            record.update(run_memory_config(models, config, args, device, tmp))  # type: ignore[arg-type]
         else:
             record.update(run_model_config(models, config, args, device, tmp))  # type: ignore[arg-type]
     except SkipConfig as err:
@@ -697,6 +773,8 @@ def ratios(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict
                 "epoch_time_ratio": r.get("epoch_s", r["step_s"]) / twin.get("epoch_s", twin["step_s"]),
                 "peak_mem_ratio": r["peak_gb"] / twin["peak_gb"] if twin["peak_gb"] else None,
                 "step_mem_ratio": r["step_mem_gb"] / twin["step_mem_gb"] if twin["step_mem_gb"] > 0 else None,
+                "saved_ratio": r["saved_gb_per_image"] / twin["saved_gb_per_image"]
+                if twin.get("saved_gb_per_image") else None,
             })
     return out
 
@@ -706,6 +784,8 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
         return "-"
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, list):
+        return _components(value)
     if isinstance(value, float):
         return f"{value:,.0f}" if abs(value) >= 1000 and spec.endswith("g") else format(value, spec)
     return str(value)
@@ -722,6 +802,11 @@ def table_rows(payload: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
             ("img/s", "images_per_s", ".3g"), ("peak GB", "peak_gb", ".2f"), ("Δmem GB", "step_mem_gb", ".2f")]
     if meta["mode"] == "data":
         cols += [("workers peak GB", "workers_peak_gb", ".2f")]
+    elif meta["mode"] == "memory":  # saved-for-backward GB per image, per component
+        cols = [("rows", "rows", ".3g"), ("step ms", "step_ms", ".4g"), ("peak GB", "peak_gb", ".2f"),
+                ("Δmem GB", "step_mem_gb", ".2f"),
+                *((name, f"saved_{key}_gb", ".3f") for key, name in SAVED_COLUMNS),
+                ("saved GB/img", "saved_gb_per_image", ".3f")]
     elif meta["mode"] != "loss":
         cols += [("TFLOP/step", "tflop_per_step", ".3g"), ("TFLOP/s", "tflops_per_s", ".3g"), ("MFU", "mfu", ".1%")]
     header = [*varying, *(name for name, _, _ in cols), "status"]
@@ -735,11 +820,14 @@ def table_rows(payload: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
         rows.append([*(_fmt(r[a]) for a in varying), *(_fmt(r2.get(k), spec) for _, k, spec in cols), r["status"]])
     ratio_header = ["axis", "value vs baseline", "other settings", "step time", "epoch time", "rows/s", "peak mem",
                     "Δmem"]
+    keys = ["step_time_ratio", "epoch_time_ratio", "rows_per_s_ratio", "peak_mem_ratio", "step_mem_ratio"]
+    if meta["mode"] == "memory":
+        ratio_header.append("saved/img")
+        keys.append("saved_ratio")
     ratio_rows = [
         [q["axis"], f"{_fmt(q['value'])} vs {_fmt(q['baseline'])}",
          " ".join(f"{k}={_fmt(v)}" for k, v in q["config"].items()),
-         *(_fmt(q[k], ".2f") for k in ("step_time_ratio", "epoch_time_ratio", "rows_per_s_ratio", "peak_mem_ratio",
-                                        "step_mem_ratio"))]
+         *(_fmt(q.get(k), ".2f") for k in keys)]
         for q in payload["ratios"]
     ]
     return title, header, rows, ratio_header, ratio_rows
@@ -777,6 +865,18 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", "Ratios (each axis's first value is the baseline; other settings equal):", "",
                   *md(ratio_header, ratio_rows)]
     return "\n".join(lines) + "\n"
+
+
+def _components(names: list[str]) -> str:
+    """Checkpointed components, short: ``all``, ``heads`` or e.g. ``vision+DETR dec``."""
+    from sam3lora.perf import CHECKPOINTABLE, ENCODERS
+
+    if names == list(CHECKPOINTABLE):
+        return "all"
+    if names == [c for c in CHECKPOINTABLE if c not in ENCODERS]:
+        return "heads"
+    short = dict(SAVED_COLUMNS)
+    return "+".join(short.get(n, n) for n in names)
 
 
 def _numeric(text: str) -> bool:

@@ -176,3 +176,28 @@ def test_sam3_config_at_a_reduced_size_gives_consistent_feature_maps() -> None:
     assert [tuple(t.shape[-2:]) for t in out.fpn_hidden_states] == [(48, 48), (24, 24), (12, 12), (6, 6)]
     with pytest.raises(ValueError, match="multiple of 14"):
         sam3_config(1000)
+
+
+def test_memory_mode_counts_saved_bytes_per_component(bench: ModuleType, tmp_path: Path) -> None:
+    payload = run(bench, tmp_path, "memory", "--presets", "balanced", "--batch-sizes", "1", "--prompts", "2",
+                  "--activation-checkpointing", "off,heads,detr_decoder+mask_decoder")
+    plain, heads, two = payload["results"]
+    assert [r["status"] for r in payload["results"]] == ["ok"] * 3
+    assert heads["ckpt"] == ["geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder"]
+    assert two["ckpt"] == ["detr_decoder", "mask_decoder"]
+    for record in (plain, heads, two):
+        parts = record["saved_gb_per_image_by_component"]
+        assert math.isclose(sum(parts.values()), record["saved_gb_per_image"], rel_tol=1e-9)
+        assert record["rows"] == 2 and record["images"] == 1 and record["step_s"] > 0 and record["loss"] > 0
+        assert {"vision_encoder", "detr_encoder", "detr_decoder", "mask_decoder", "loss"} <= set(parts)
+        assert "text_encoder" not in parts  # frozen in balanced: keeps nothing
+    assert plain["checkpoint_input_gb_per_image"] == {}
+    assert set(two["checkpoint_input_gb_per_image"]) == {"detr_decoder", "mask_decoder"}
+    for component in ("detr_encoder", "detr_decoder", "mask_decoder"):
+        assert heads[f"saved_{component}_gb"] < 0.5 * plain[f"saved_{component}_gb"], component
+    assert two["saved_detr_encoder_gb"] == plain["saved_detr_encoder_gb"]  # not checkpointed: unchanged
+    ratios = {(q["value"] if isinstance(q["value"], str) else "+".join(q["value"])): q for q in payload["ratios"]}
+    assert ratios["geometry_encoder+detr_encoder+detr_decoder+mask_decoder"]["saved_ratio"] == pytest.approx(
+        heads["saved_gb_per_image"] / plain["saved_gb_per_image"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "| heads |" in table and "DETR dec+mask dec" in table and "saved GB/img" in table

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,9 +121,16 @@ class SavedBytes:
     Args:
         model: ``Sam3Model`` or a PEFT model around one.
         components: subset of ``COMPONENTS`` to attribute (the others count as ``other``).
+        groups: instead of ``components``: name -> module paths of the base model, e.g. one group per ViT layer.
+            Where groups nest, the later one wins (list ``vision_encoder`` before its layers).
     """
 
-    def __init__(self, model: nn.Module, components: Sequence[str] = COMPONENTS) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        components: Sequence[str] = COMPONENTS,
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.model = model
         base = _base(model)
         self._stack: list[str] = []
@@ -131,10 +138,14 @@ class SavedBytes:
         self._recording = False
         self._excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         self._handles: list[Any] = []
-        for component in components:
-            for top in COMPONENT_MODULES[component]:
-                root = getattr(base, top, None)
-                if root is None:
+        if groups is None:
+            groups = {c: COMPONENT_MODULES[c] for c in components}
+        self.groups = list(groups)
+        for component, paths in groups.items():
+            for path in paths:
+                try:
+                    root = base.get_submodule(path)
+                except AttributeError:
                     continue
                 for module in root.modules():
                     self._handles.append(module.register_forward_pre_hook(self._push(component), with_kwargs=True))
@@ -146,9 +157,11 @@ class SavedBytes:
             self._stack.append(component)
             if self._recording and getattr(module, "gradient_checkpointing", False) and module.training and (
                 torch.is_grad_enabled()
-            ):  # a block that checkpoints keeps its inputs for the recomputation
-                for tensor in _tensors((args, kwargs)):
-                    self._add(tensor, None, "checkpoint_input")
+            ):  # a block that checkpoints keeps its inputs for the recomputation, if it has a backward at all
+                inputs = list(_tensors((args, kwargs)))
+                if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
+                    for tensor in inputs:
+                        self._add(tensor, None, "checkpoint_input")
 
         return hook
 
@@ -167,9 +180,12 @@ class SavedBytes:
         self._records.append(_Saved(self._current(), ptr, storage.nbytes(), ref, kind))
 
     def _pack(self, tensor: Tensor) -> Tensor:
+        # a detached alias (same storage, no copy): packing a node's own output as is would tie the node to its
+        # output in a reference cycle, and the alias lives exactly as long as the graph that saved it
+        packed = tensor.detach()
         if self._recording:
-            self._add(tensor, weakref.ref(tensor), "saved")
-        return tensor
+            self._add(packed, weakref.ref(packed), "saved")
+        return packed
 
     @staticmethod
     def _unpack(tensor: Tensor) -> Tensor:
@@ -212,7 +228,7 @@ class SavedBytes:
             by_component[component] = by_component.get(component, 0) + nbytes
             if kind == "checkpoint_input":
                 ckpt[component] = ckpt.get(component, 0) + nbytes
-        order = [*COMPONENTS, OTHER, LOSS]
+        order = [*self.groups, OTHER, LOSS]
         ordered = {k: by_component[k] for k in sorted(by_component, key=lambda k: (order + [k]).index(k))}
         return SavedBytesReport(ordered, ckpt, images=images, rows=rows, tensors=len(owner), meta=dict(meta))
 

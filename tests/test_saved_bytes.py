@@ -1,0 +1,139 @@
+"""Bytes saved for backward (``sam3lora.perf.saved_bytes``): the counter's rules, and regression guards on the tiny
+model (what each component keeps, what checkpointing leaves, frozen layers that keep nothing).
+
+The guarded numbers were measured on the tiny preset with 2 images x 4 prompts (``batch_for``, seed 0) and are
+exact byte counts of tensor shapes, so they do not depend on the machine; the bounds leave 5% for harmless changes.
+``python scripts/benchmark.py memory --model tiny --presets minimal,balanced --activation-checkpointing off,all``
+prints the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from test_perf import batch_for, build_module
+from torch import nn
+
+from sam3lora.perf import PerfSettings
+from sam3lora.perf.checkpointing import CHECKPOINTABLE
+from sam3lora.perf.saved_bytes import LOSS, SavedBytes, SavedBytesReport
+from sam3lora.training.module import Sam3LoRAModule
+
+MB = 1e6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def measure(module: Sam3LoRAModule, **kwargs: object) -> SavedBytesReport:
+    """Saved bytes of one training forward + loss (2 images x 4 prompts), then the backward (it must still run)."""
+    batch = batch_for(module, images=2, prompts=4)
+    module.train()
+    counter = SavedBytes(module.model, **kwargs)
+    try:
+        torch.manual_seed(0)
+        with counter.recording():
+            outputs = module(batch)
+            with counter.label(LOSS):
+                loss = module.criterion(outputs, batch.targets)["loss"]
+        report = counter.report(images=batch.num_images, rows=batch.num_rows)
+    finally:
+        counter.remove()
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- the counter
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(8, 8)
+        self.adapted = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_counter_attributes_each_storage_once_and_skips_parameters_and_dropped_graphs() -> None:
+    toy = Toy()
+    counter = SavedBytes(toy, groups={"frozen": ["frozen"], "adapted": ["adapted"]})
+    x = torch.randn(4, 8)
+    with counter.recording():
+        h = toy.frozen(x)  # nothing requires grad: nothing saved
+        y = toy.adapted(h)  # saves h (4 x 8 float32) for the weight's gradient
+        y2 = toy.adapted(h[:2])  # a view of h: the same storage, counted once
+        z = torch.tanh(y)  # saves its output (4 x 8), outside every group
+        dropped = torch.exp(y)  # saves its output, but the graph is dropped below
+        with counter.label(LOSS):
+            loss = (z.sum() + y2.sum()) * 2.0  # saves nothing (a constant factor)
+    del dropped
+    report = counter.report()
+    assert report.by_component == {"adapted": 4 * 8 * 4, "other": 4 * 8 * 4}
+    assert report.tensors == 2
+    loss.backward()
+    x.requires_grad_(True)  # now the weight is saved for the input's gradient: a parameter, not counted
+    with counter.recording():
+        out = toy.adapted(x).sum()
+    assert counter.report().by_component == {"adapted": 4 * 8 * 4}
+    out.backward()
+    assert counter.report().by_component == {}  # backward freed the graph
+    counter.remove()
+    with counter.recording():
+        out = toy.adapted(x).sum()
+    assert counter.report().by_component == {"other": 4 * 8 * 4}  # hooks removed: nothing is attributed
+
+
+# ----------------------------------------------------------------------------------------------- the tiny model
+
+
+def test_frozen_layers_below_the_first_adapted_one_save_nothing() -> None:
+    module = build_module("lora=balanced", "++lora.vision_encoder.layers=[2,3]")
+    groups = {"vision_encoder": ["vision_encoder"], "neck": ["vision_encoder.neck"],
+              **{f"layer{i}": [f"vision_encoder.backbone.layers.{i}"] for i in range(4)}}
+    saved = measure(module, groups=groups).by_component
+    # measured: layer2 2.06 MB, layer3 2.29 MB, neck 4.92 MB (frozen, but the gradient flows through it)
+    assert "vision_encoder" not in saved and "layer0" not in saved and "layer1" not in saved, saved
+    assert 1.5 * MB < saved["layer2"] <= 1.05 * 2.06 * MB and 1.5 * MB < saved["layer3"] <= 1.05 * 2.30 * MB
+    assert saved["neck"] <= 1.05 * 4.92 * MB
+    frozen = measure(build_module("lora=minimal"))  # no adapter in either encoder: they keep nothing
+    assert "vision_encoder" not in frozen.by_component and "text_encoder" not in frozen.by_component
+
+
+#: balanced, 2 images x 4 prompts, MB per image: (checkpointing off, everything checkpointed)
+BALANCED_MB = {
+    "vision_encoder": (6.91, 2.85),
+    "geometry_encoder": (1.28, 0.59),
+    "detr_encoder": (11.09, 0.86),
+    "detr_decoder": (12.14, 3.47),
+    "mask_decoder": (21.35, 5.42),
+    "other": (0.09, 4.28),  # checkpointed mask decoder: the DAC mask product keeps the instance embeddings
+    "loss": (7.24, 7.24),
+}
+
+
+def test_saved_bytes_per_component_and_what_checkpointing_leaves() -> None:
+    module = build_module("lora=balanced")
+    off = measure(module)
+    module.configure_perf(PerfSettings(activation_checkpointing=list(CHECKPOINTABLE)))
+    on = measure(module)
+    off_mb = {k: v / MB for k, v in off.per_image().items()}
+    on_mb = {k: v / MB for k, v in on.per_image().items()}
+    assert set(off_mb) == set(BALANCED_MB) | {"total"}, off_mb
+    for component, (plain, ckpt) in BALANCED_MB.items():
+        assert off_mb[component] <= 1.05 * plain, (component, off_mb[component])
+        assert on_mb[component] <= 1.05 * ckpt, (component, on_mb[component])
+    assert on_mb["total"] <= 0.5 * off_mb["total"]  # measured 24.7 of 60.1 MB per image
+    # a checkpointed layer stack keeps (almost) only the inputs of its layers
+    inputs = {k: v / on.images / MB for k, v in on.checkpoint_inputs.items()}
+    for component in ("detr_encoder", "mask_decoder"):
+        assert on_mb[component] - inputs[component] <= 0.05 * off_mb[component], component
+    # the DETR decoder also keeps its per-layer box refinement and presence heads (outside the layers)
+    assert on_mb["detr_decoder"] - inputs["detr_decoder"] <= 0.1 * off_mb["detr_decoder"]
