@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one command (docs/performance.md, "GPU figures"):
-#   1. GPU figures: the full-size SAM 3 architecture with random weights at 1008 px, bf16-mixed: step time and peak
-#      memory per LoRA preset and batch size, the memory switches on one preset, and prediction.
-#   2. The tiny-pretrained base: three pretraining runs (lr 5e-4 / 1e-3 / 2e-3) side by side on the GPU, each sized
-#      to the time left; each keeps its best weights in $OUT as it goes (scripts/pretrain_tiny.py --best-weights).
+# One lent-GPU session in one command (docs/training.md, "Pretraining across sessions"; docs/performance.md):
+#   1. The tiny base's pretraining (issue #12), first: image passes/s of scripts/pretrain_tiny.py on the GPU
+#      (bf16, batch sizes 64 / 256 / 1024, JSON), then one resumable run trained for the time left at the fastest
+#      batch size. A run carried in (state directory $STATE_IN, e.g. logs/pretrain/gpu from the previous session's
+#      $OUT/gpu) is resumed instead of starting a new one; a new run starts from $INIT when given (the CPU run's
+#      best.safetensors). The state goes back in $OUT/gpu (state.pt, best.safetensors, history.json).
+#   2. With FIGURES=1 only (measured already, docs/gpu/*.json): the full-size SAM 3 architecture with random weights
+#      at 1008 px, bf16-mixed: step time and peak memory per LoRA preset and batch size, the memory switches on one
+#      preset, and prediction.
 # Wheels of the Python packages the machine lacks travel in .whl/ (see docs/performance.md). Everything lands in
-# $OUT: log.txt, gpu_train.json, gpu_perf.json, gpu_predict.json, pre_{A,B,C}.safetensors (at most 8 files).
+# $OUT: log.txt, pretrain_bench.json, gpu/{state.pt,best.safetensors,history.json} (+ gpu_*.json with FIGURES=1).
 set -uo pipefail
 OUT=${OUT:-/tmp/sam3lora-gpu}
 TOTAL=${TOTAL:-540}            # seconds this script may take in all
@@ -27,39 +31,43 @@ python3 -c "import sys, torch, transformers, peft, lightning, hydra, albumentati
 print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft',
       peft.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
-# The pretraining set, made on the CPU while the GPU benchmarks run.
-DATA=/tmp/pretrain-data
-python3 -c "
-from scripts.pretrain_tiny import PRETRAIN_CATEGORIES
-from sam3lora.data.synthetic import write_synthetic
-from sam3lora.model import load_model
-load_model('tiny')  # materialised once, before the parallel runs
-write_synthetic('$DATA', train=${PRE_TRAIN:-2048}, val=64, categories=PRETRAIN_CATEGORIES, seed=101, hard_negatives=0.0)
-print('pretraining set ready')" &
-DATA_PID=$!
-
-BENCH=(python3 scripts/benchmark.py train --model sam3-random --image-size 1008 --device cuda --precision bf16-mixed
-       --prompts 4 --steps 5 --warmup 2)
-echo "== GPU figures ($(left) s left)"
-timeout 160 "${BENCH[@]}" --presets minimal,balanced,full --batch-sizes 1,4,8 --time-budget 110 \
-  --json "$OUT/gpu_train.json"
-timeout 80 "${BENCH[@]}" --presets balanced --batch-sizes 8 --activation-checkpointing off,on \
-  --base-dtype float32,bfloat16 --time-budget 50 --json "$OUT/gpu_perf.json"
-timeout 45 python3 scripts/benchmark.py predict --model sam3-random --image-size 1008 --device cuda \
-  --precision bf16-mixed --presets balanced --batch-sizes 1,8 --prompts 4 --steps 5 --warmup 2 --time-budget 25 \
-  --json "$OUT/gpu_predict.json"
-
-wait $DATA_PID
-BUDGET=$(( $(left) - 45 ))
-RUNS=()
-echo "== pretraining tiny, ${BUDGET} s per run, three runs side by side"
-for run in A:5e-4:16 B:1e-3:16 C:2e-3:32; do
-  IFS=: read -r name lr batch <<<"$run"
-  python3 scripts/pretrain_tiny.py --budget "$BUDGET" --data "$DATA" --train "${PRE_TRAIN:-2048}" --lr "$lr" \
-    --batch-size "$batch" --workers 4 --accelerator gpu --name "$name" --best-weights "$OUT/pre_$name.safetensors" \
-    --no-out loss.weight_dice=40 2>&1 | grep --line-buffered -E "^\[|Error|error|Traceback" &
-  RUNS+=($!)
+PRE=(python3 scripts/pretrain_tiny.py --device cuda --bf16 --train "${PRE_TRAIN:-8192}" --val 64
+     --cache /tmp/pretrain-cache)
+echo "== pretraining: image passes/s ($(left) s left)"
+load_model() { python3 -c "from sam3lora.model import load_model; load_model('tiny')"; }
+load_model || exit 1
+for batch in 64 256 1024; do  # the first call renders the cached set (all cores), the others reuse it
+  timeout 90 "${PRE[@]}" --benchmark 5 --batch-size "$batch" | tee -a "$OUT/pretrain_bench.json"
 done
-wait "${RUNS[@]}"  # a bare `wait` would also wait for the tee above, which never ends: the script would hang
+BEST_BATCH=$(python3 -c "
+import json
+rows = [json.loads(l) for l in open('$OUT/pretrain_bench.json') if l.startswith('{')]
+print(max(rows, key=lambda r: r['images_per_s'])['batch_size'] if rows else 256)")
+
+if [ "${FIGURES:-0}" = 1 ]; then
+  BENCH=(python3 scripts/benchmark.py train --model sam3-random --image-size 1008 --device cuda --precision bf16-mixed
+         --prompts 4 --steps 5 --warmup 2)
+  echo "== GPU figures ($(left) s left)"
+  timeout 160 "${BENCH[@]}" --presets minimal,balanced,full --batch-sizes 1,4,8 --time-budget 110 \
+    --json "$OUT/gpu_train.json"
+  timeout 80 "${BENCH[@]}" --presets balanced --batch-sizes 8 --activation-checkpointing off,on \
+    --base-dtype float32,bfloat16 --time-budget 50 --json "$OUT/gpu_perf.json"
+  timeout 45 python3 scripts/benchmark.py predict --model sam3-random --image-size 1008 --device cuda \
+    --precision bf16-mixed --presets balanced --batch-sizes 1,8 --prompts 4 --steps 5 --warmup 2 --time-budget 25 \
+    --json "$OUT/gpu_predict.json"
+fi
+
+BUDGET=$(( $(left) - 40 ))
+mkdir -p "$OUT/gpu"
+if [ -n "${STATE_IN:-}" ] && [ -f "$STATE_IN/state.pt" ]; then
+  cp "$STATE_IN"/* "$OUT/gpu/"
+  echo "== pretraining: resuming $STATE_IN for ${BUDGET} s"
+  timeout $((BUDGET + 30)) "${PRE[@]}" --state "$OUT/gpu" --resume --budget "$BUDGET" --val-every 200
+else
+  echo "== pretraining: new run, batch ${BEST_BATCH}, for ${BUDGET} s"
+  timeout $((BUDGET + 30)) "${PRE[@]}" --state "$OUT/gpu" --budget "$BUDGET" --batch-size "$BEST_BATCH" \
+    --lr "${PRE_LR:-2e-3}" --steps "${PRE_STEPS:-20000}" --warm-steps "${PRE_WARM:-1500}" --val-every 200 \
+    ${INIT:+--init "$INIT"}
+fi
 echo "== done in $(( $(date +%s) - T0 )) s"
-ls -la "$OUT"
+ls -la "$OUT" "$OUT/gpu"

@@ -202,6 +202,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPUs)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--val-every", type=int, default=500, help="validate (and save) every N steps")
     p.add_argument("--save-every", type=float, default=300.0, help="save the state at least every N seconds")
     p.add_argument("--name", default="", help="prefix of the printed lines (parallel runs)")
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.cache = args.cache or sam3lora_home() / "pretrain-cache"
     device = pick_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     name = f"[{args.name}] " if args.name else ""

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,21 +88,43 @@ class TensorSet:
                          self.categories)
 
 
-def render_set(settings: RenderSettings) -> TensorSet:
-    """Render ``settings.count`` images with the synthetic generator (identical pixels to ``write_synthetic``)."""
+def _render_range(settings: RenderSettings, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``start .. stop - 1`` as numpy arrays: uint8 (n,3,S,S), uint8 labels (n,S,S), int64 (n,M)."""
     cats = parse_categories(settings.categories)
-    n, s = settings.count, settings.size
-    images = torch.zeros(n, 3, s, s, dtype=torch.uint8)
-    labels = torch.zeros(n, s, s, dtype=torch.uint8)
-    instance_categories = torch.zeros(n, MAX_OBJECTS, dtype=torch.long)
-    for index in range(n):
+    n, s = stop - start, settings.size
+    images = np.zeros((n, 3, s, s), np.uint8)
+    labels = np.zeros((n, s, s), np.uint8)
+    instance_categories = np.zeros((n, MAX_OBJECTS), np.int64)
+    for i, index in enumerate(range(start, stop)):
         image, instances = render_image(cats, s, settings.seed, settings.split, index, settings.hard_negatives)
-        images[index] = torch.from_numpy(image).permute(2, 0, 1)
-        label = np.zeros((s, s), np.uint8)
+        images[i] = image.transpose(2, 0, 1)
         for k, (category_id, mask) in enumerate(instances):
-            label[mask] = k + 1
-            instance_categories[index, k] = category_id
-        labels[index] = torch.from_numpy(label)
+            labels[i][mask] = k + 1
+            instance_categories[i, k] = category_id
+    return images, labels, instance_categories
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """``fork`` where there is one (workers start in milliseconds; they only run numpy and OpenCV), else ``spawn``."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def render_set(settings: RenderSettings, workers: int | None = None) -> TensorSet:
+    """Render ``settings.count`` images with the synthetic generator (identical pixels to ``write_synthetic``), in
+    ``workers`` processes (default: the CPUs this process may use, at most 32); the result does not depend on it."""
+    cats = parse_categories(settings.categories)
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 32)
+    chunk = max(64, -(-settings.count // max(workers * 4, 1)))
+    bounds = [(a, min(a + chunk, settings.count)) for a in range(0, settings.count, chunk)]
+    if workers <= 1 or len(bounds) <= 1:
+        parts = [_render_range(settings, a, b) for a, b in bounds]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+            parts = list(pool.map(_render_range, [settings] * len(bounds), *zip(*bounds, strict=True)))
+    images, labels, instance_categories = (torch.from_numpy(np.concatenate([p[i] for p in parts]))
+                                           for i in range(3))
     return TensorSet(images, labels, instance_categories, tuple(c.name for c in cats))
 
 
