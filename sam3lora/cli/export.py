@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from sam3lora.model.loading import DTYPE_ALIASES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformers directory, or tiny")
     p.add_argument("--adapter", required=True, help="LoRA adapter directory or sam3lora Lightning checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the saved weights (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPE_ALIASES),
+                   help="dtype of the saved weights (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (see below)")
     return p
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for_inference(args.base, args.adapter, dtype="float32", merge=False)  # merge in float32
     if not args.onnx:
         export_merged(
-            loaded.model, loaded.processor, out, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+            loaded.model, loaded.processor, out, dtype=DTYPE_ALIASES[args.dtype], overwrite=args.overwrite,
             adapter=args.adapter,
         )
         print(f"wrote {out}: merged {args.adapter} into {args.base} ({args.dtype})")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         export_merged(
-            loaded.model, loaded.processor, tmp, dtype=DTYPES[args.dtype], overwrite=True, adapter=args.adapter,
+            loaded.model, loaded.processor, tmp, dtype=DTYPE_ALIASES[args.dtype], overwrite=True, adapter=args.adapter,
             shared_as=out,
         )
         merged = Sam3Model.from_pretrained(tmp, dtype="float32")  # the saved weights, whatever --dtype

@@ -24,12 +24,8 @@ from sam3lora.adapter import AdapterMismatchError, base_fingerprint, load_adapte
 from sam3lora.inference.errors import AdapterLoadError, PredictorError
 from sam3lora.lora import LoraSettings, adapted_modules, lora_config, plan, unwrap_base
 from sam3lora.model import load_model, meta_model
+from sam3lora.model.loading import canonical_dtype as model_dtype
 
-DTYPES = {
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16",
-}
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # PEFT parameter names carry the adapter name right after one of these module names.
 _ADAPTER_SLOT = re.compile(
@@ -50,9 +46,10 @@ class LoadedModel:
 
 def canonical_dtype(dtype: str) -> str:
     """``fp32 | bf16 | fp16`` (or the long torch names) -> ``float32 | bfloat16 | float16``."""
-    if dtype not in DTYPES:
-        raise PredictorError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    try:
+        return model_dtype(dtype)
+    except ValueError as err:
+        raise PredictorError(str(err)) from None
 
 
 def adapter_name_for(path: str | Path, taken: set[str]) -> str:

@@ -15,6 +15,16 @@ from sam3lora.model.tiny import PRETRAINED_DIR, materialise_tiny
 HUB_ID = "facebook/sam3"
 #: dtype names accepted by every sam3lora option that takes one
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: short names some command-line options also accept
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def canonical_dtype(dtype: str, key: str = "dtype") -> str:
+    """``fp32 | bf16 | fp16`` or a name of :data:`DTYPES` -> that name; anything else is an error naming ``key``."""
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"{key} must be one of {sorted(DTYPES) + sorted(DTYPE_ALIASES)}, got {dtype!r}")
+    return name
 
 
 class ModelLoadError(Sam3LoRAError, RuntimeError):
