@@ -79,14 +79,22 @@ def write_pretrained(model: torch.nn.Module, processor: Any, out: Path, record: 
     print(f"wrote {out}: {json.dumps({k: record[k] for k in ('best_step', 'val_cgF1', 'val_iou') if k in record})}")
 
 
-def package(weights: Path, out: Path, seed: int, record_path: Path | None) -> None:
-    """Package weights trained elsewhere (a run's ``best.safetensors``) as the preset directory ``out``."""
-    model, processor = load_model("tiny", seed=seed)
+def load_weights(model: torch.nn.Module, weights: Path) -> None:
+    """Load safetensors weights (a run's ``best.safetensors``, or a preset directory such as the shipped
+    ``sam3lora/assets/tiny-pretrained``) into the tiny ``model``; anything that does not fit is an error."""
+    if weights.is_dir():
+        weights = weights / "model.safetensors"
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if unexpected or [k for k in missing if "position_ids" not in k]:
         raise SystemExit(f"{weights}: does not fit the tiny architecture (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+
+
+def package(weights: Path, out: Path, seed: int, record_path: Path | None) -> None:
+    """Package weights trained elsewhere (a run's ``best.safetensors``) as the preset directory ``out``."""
+    model, processor = load_model("tiny", seed=seed)
+    load_weights(model, weights)
     record: dict[str, Any] = {}
     if record_path is not None:
         data = json.loads(record_path.read_text())
@@ -206,7 +214,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=500, help="validate (and save) every N steps")
     p.add_argument("--save-every", type=float, default=300.0, help="save the state at least every N seconds")
     p.add_argument("--name", default="", help="prefix of the printed lines (parallel runs)")
-    p.add_argument("--init", type=Path, default=None, help="a new run starts from these weights (safetensors)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="a new run starts from these weights (safetensors, or a preset directory)")
     p.add_argument("--out", type=Path, default=None,
                    help="when the run completes, write the best weights as a preset directory here")
     p.add_argument("--benchmark", type=int, default=None, metavar="STEPS",
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.load_state_dict(state)
         del state
     elif args.init is not None:
-        trainer.module.model.load_state_dict({k: v.float() for k, v in load_file(str(args.init)).items()})
+        load_weights(trainer.module.model, args.init)
     trainer.meta = meta
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
                "from_step": trainer.step, "to_step": trainer.step, "seconds": 0.0, "images": 0}
