@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             save(trainer, state_dir)
             last_save = time.perf_counter()
     session["images_per_s"] = round(session["images"] / max(session["seconds"], 1e-9), 2)
+    session["seconds"] = round(session["seconds"], 1)
     save(trainer, state_dir)
     print(f"{name}session: steps {session['from_step']} -> {trainer.step} ({session['images']} images, "
           f"{session['seconds']:.0f} s, {session['images_per_s']} images/s); run: {trainer.images_seen} images, "
