@@ -8,6 +8,8 @@
 #   2. With FIGURES=1 only (measured already, docs/gpu/*.json): the full-size SAM 3 architecture with random weights
 #      at 1008 px, bf16-mixed: step time and peak memory per LoRA preset and batch size, the memory switches on one
 #      preset, and prediction.
+# Knobs (environment): PRE_TRAIN (8192 images), PRE_BATCHES ("64 256 1024"), PRE_LR (2e-3), PRE_STEPS (20000; on resume
+# only when given: a longer run), PRE_WARM (1500), PRE_BF16 (1), PRE_DEVICE (cuda; cpu runs the same flow here).
 # Wheels of the Python packages the machine lacks travel in .whl/ (see docs/performance.md). Everything lands in
 # $OUT: log.txt, pretrain_bench.json, gpu/{state.pt,best.safetensors,history.json} (+ gpu_*.json with FIGURES=1).
 set -uo pipefail
@@ -31,12 +33,14 @@ python3 -c "import sys, torch, transformers, peft, lightning, hydra, albumentati
 print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'peft',
       peft.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 
-PRE=(python3 scripts/pretrain_tiny.py --device cuda --bf16 --train "${PRE_TRAIN:-8192}" --val 64
-     --cache /tmp/pretrain-cache)
+PRE=(python3 scripts/pretrain_tiny.py --device "${PRE_DEVICE:-cuda}" --train "${PRE_TRAIN:-8192}"
+     --val "${PRE_VAL:-64}" --cache /tmp/pretrain-cache)
+[ "${PRE_BF16:-1}" = 1 ] && PRE+=(--bf16)
 echo "== pretraining: image passes/s ($(left) s left)"
 load_model() { python3 -c "from sam3lora.model import load_model; load_model('tiny')"; }
 load_model || exit 1
-for batch in 64 256 1024; do  # the first call renders the cached set (all cores), the others reuse it
+for batch in ${PRE_BATCHES:-64 256 1024}; do  # the first call renders the cached set (all cores), the others reuse it
+  [ "$(left)" -lt 300 ] && break  # keep most of the session for training
   timeout 90 "${PRE[@]}" --benchmark 5 --batch-size "$batch" | tee -a "$OUT/pretrain_bench.json"
 done
 BEST_BATCH=$(python3 -c "
@@ -59,10 +63,13 @@ fi
 
 BUDGET=$(( $(left) - 40 ))
 mkdir -p "$OUT/gpu"
-if [ -n "${STATE_IN:-}" ] && [ -f "$STATE_IN/state.pt" ]; then
+if [ "$BUDGET" -lt 30 ]; then
+  echo "== pretraining: no time left for a run (${BUDGET} s)"
+elif [ -n "${STATE_IN:-}" ] && [ -f "$STATE_IN/state.pt" ]; then
   cp "$STATE_IN"/* "$OUT/gpu/"
   echo "== pretraining: resuming $STATE_IN for ${BUDGET} s"
-  timeout $((BUDGET + 30)) "${PRE[@]}" --state "$OUT/gpu" --resume --budget "$BUDGET" --val-every 200
+  timeout $((BUDGET + 30)) "${PRE[@]}" --state "$OUT/gpu" --resume --budget "$BUDGET" --val-every 200 \
+    ${PRE_STEPS:+--steps "$PRE_STEPS"}
 else
   echo "== pretraining: new run, batch ${BEST_BATCH}, for ${BUDGET} s"
   timeout $((BUDGET + 30)) "${PRE[@]}" --state "$OUT/gpu" --budget "$BUDGET" --batch-size "$BEST_BATCH" \
