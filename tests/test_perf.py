@@ -253,6 +253,8 @@ def test_checkpointing_the_heads_gives_the_same_gradients_and_recomputes() -> No
     calls = {name: count_forwards(module.base_model.get_submodule(name)) for name in inner}
     ckpt_loss, ckpt_grads = loss_and_grads(module, batch)
     assert {name: len(c) for name, c in calls.items()} == inner, "a block was not recomputed in backward"
+    # the decoder layers kept their reference boxes and rebuilt the box-RPB mask (checked against the original)
+    assert module.base_model.detr_decoder.__dict__.get("_sam3lora_rpb_checked")
     torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert ckpt_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -42,6 +44,10 @@ _PLAIN_BLOCKS = {
     "mask_decoder": "mask_decoder:self",
 }
 _INSTALLED = "_sam3lora_checkpointing"
+_DECODER = "_sam3lora_rpb_decoder"  # on a DETR decoder layer: weakref to its decoder
+_RPB_ARGS = "_sam3lora_rpb_args"  # on the decoder: the arguments of its latest box-RPB computation
+_RPB_CHECKED = "_sam3lora_rpb_checked"
+MASK_KWARG = "vision_cross_attn_mask"
 
 CheckpointFn = Callable[..., Any]
 
@@ -60,20 +66,95 @@ def _checkpointing_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Instance ``forward`` of a plain block: checkpointed while ``gradient_checkpointing`` is on and training."""
     forward = type(self).forward
     if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        rebuild = _mask_rebuilder(self, kwargs, pop=True)
+        if rebuild is not None:
+            return _checkpoint_rebuilding_mask(self, forward, rebuild, args, kwargs)
         return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
     return forward(self, *args, **kwargs)
 
 
-def _install(block: nn.Module) -> None:
+# A DETR decoder layer's inputs are dominated by its box relative-position bias (``vision_cross_attn_mask``,
+# (R, heads, Q+1, HW) float: 15 MB per layer and pass at 336 px with 4 prompts, 9x that at 1008 px), which the
+# decoder computes from the layer's reference boxes (R, Q, 4) with frozen weights. Keeping it for the
+# recomputation would cost as much as most of the layer; instead the checkpoint keeps the boxes and rebuilds the
+# mask in the recomputation. The first rebuild of each decoder is compared with the mask it replaces.
+
+
+def _recording_rpb(self: nn.Module, reference_boxes: Tensor, spatial_shape: Any) -> Tensor:
+    """Instance ``_get_rpb_matrix`` of a checkpointing decoder: remember its arguments for the next layer."""
+    self.__dict__[_RPB_ARGS] = (reference_boxes, spatial_shape)
+    return type(self)._get_rpb_matrix(self, reference_boxes, spatial_shape)
+
+
+def _mask_rebuilder(layer: nn.Module, kwargs: dict[str, Any], pop: bool = False) -> Callable[[], Tensor] | None:
+    """For a checkpointing DETR decoder layer: a function that rebuilds its ``vision_cross_attn_mask`` from the
+    reference boxes, when the mask was just computed from them and needs no gradient (else None)."""
+    ref = layer.__dict__.get(_DECODER)
+    decoder = ref() if ref is not None else None
+    mask = kwargs.get(MASK_KWARG)
+    if decoder is None or not isinstance(mask, Tensor) or mask.requires_grad:
+        return None
+    rpb_args = decoder.__dict__.pop(_RPB_ARGS, None) if pop else decoder.__dict__.get(_RPB_ARGS)
+    if rpb_args is None:
+        return None
+    boxes, shape = rpb_args
+
+    def rebuild() -> Tensor:
+        rpb = type(decoder)._get_rpb_matrix(decoder, boxes, shape)  # (R, heads, Q, HW)
+        return F.pad(rpb, (0, 0, 1, 0), mode="constant", value=0)  # + the presence token's row, as the decoder
+
+    if pop and not decoder.__dict__.get(_RPB_CHECKED):
+        with torch.no_grad():
+            same = torch.equal(rebuild(), mask)
+        if not same:
+            raise RuntimeError(
+                "activation checkpointing of detr_decoder: the box relative-position bias rebuilt from the reference "
+                "boxes differs from the decoder's (changed transformers version?); checkpoint without detr_decoder"
+            )
+        decoder.__dict__[_RPB_CHECKED] = True
+    return rebuild
+
+
+def _checkpoint_rebuilding_mask(
+    layer: nn.Module, forward: Callable[..., Any], rebuild: Callable[[], Tensor], args: tuple, kwargs: dict[str, Any]
+) -> Any:
+    """Checkpoint ``layer`` keeping its reference boxes instead of its (R, heads, Q+1, HW) attention mask."""
+    holder = [kwargs.pop(MASK_KWARG)]
+
+    def run(*inner: Any) -> Any:  # the forward uses the decoder's mask, the recomputation rebuilds it
+        mask = holder[0] if holder[0] is not None else rebuild()
+        return forward(layer, *inner, **{MASK_KWARG: mask}, **kwargs)
+
+    try:
+        return layer._gradient_checkpointing_func(run, *args)
+    finally:
+        holder[0] = None
+
+
+def checkpoint_kept_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """The arguments a checkpointing block keeps for its recomputation (for ``sam3lora.perf.saved_bytes``)."""
+    if _mask_rebuilder(module, kwargs) is None:
+        return args, kwargs
+    boxes, _ = module.__dict__[_DECODER]().__dict__[_RPB_ARGS]
+    return args, {**{k: v for k, v in kwargs.items() if k != MASK_KWARG}, "reference_boxes": boxes}
+
+
+def _install(block: nn.Module, decoder: nn.Module | None = None) -> None:
     if not block.__dict__.get(_INSTALLED):
         block.forward = types.MethodType(_checkpointing_forward, block)
         block.gradient_checkpointing = False
         setattr(block, _INSTALLED, True)
+    if decoder is not None and hasattr(type(decoder), "_get_rpb_matrix"):
+        block.__dict__[_DECODER] = weakref.ref(decoder)
+        decoder.__dict__["_get_rpb_matrix"] = types.MethodType(_recording_rpb, decoder)
 
 
-def _uninstall(block: nn.Module) -> None:
-    for name in ("forward", "gradient_checkpointing", "_gradient_checkpointing_func", _INSTALLED):
+def _uninstall(block: nn.Module, decoder: nn.Module | None = None) -> None:
+    for name in ("forward", "gradient_checkpointing", "_gradient_checkpointing_func", _INSTALLED, _DECODER):
         block.__dict__.pop(name, None)
+    if decoder is not None:
+        for name in ("_get_rpb_matrix", _RPB_ARGS, _RPB_CHECKED):
+            decoder.__dict__.pop(name, None)
 
 
 def checkpoint_layers(
@@ -123,17 +204,19 @@ def set_activation_checkpointing(
     if enabled and not layers:
         raise ValueError(f"activation checkpointing: no checkpointable block under {list(components)}")
     fn = checkpoint_fn or default_checkpoint_fn()
-    for layer in layers.values():
+    base = _base(model)
+    for name, layer in layers.items():
         plain = not isinstance(layer, GradientCheckpointingLayer)
+        decoder = base.detr_decoder if name.startswith("detr_decoder.") else None
         if not enabled:
             if plain:
-                _uninstall(layer)
+                _uninstall(layer, decoder)
             else:
                 layer.gradient_checkpointing = False
                 layer.__dict__.pop("_gradient_checkpointing_func", None)
             continue
         if plain:
-            _install(layer)
+            _install(layer, decoder)
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = fn
     return len(layers)

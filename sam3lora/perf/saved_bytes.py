@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sam3lora.perf.checkpointing import checkpoint_kept_inputs
+
 #: Components of ``Sam3Model`` in the order they run, and the top-level modules each one covers.
 COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
     "vision_encoder": ("vision_encoder",),
@@ -158,7 +160,7 @@ class SavedBytes:
             if self._recording and getattr(module, "gradient_checkpointing", False) and module.training and (
                 torch.is_grad_enabled()
             ):  # a block that checkpoints keeps its inputs for the recomputation, if it has a backward at all
-                inputs = list(_tensors((args, kwargs)))
+                inputs = list(_tensors(checkpoint_kept_inputs(module, args, kwargs)))
                 if any(t.requires_grad for t in inputs) or any(p.requires_grad for p in module.parameters()):
                     for tensor in inputs:
                         self._add(tensor, None, "checkpoint_input")
