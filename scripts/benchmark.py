@@ -568,10 +568,13 @@ def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Nam
 
 def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """One data-pipeline configuration: batches from ``Sam3DataModule.train_dataloader`` -> rows/s, images/s."""
+    from hydra import compose, initialize_config_dir
+
     from sam3lora.data.datamodule import Sam3DataModule
     from sam3lora.perf.synthetic import sam3_processor
 
-    data = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "synthetic.yaml"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        data = OmegaConf.to_container(compose("train", overrides=["data=synthetic"]).data)
     transforms = data["train_transforms"] if config["transforms"] == "train" else data["val_transforms"]
     datamodule = Sam3DataModule(
         sam3_processor(args.image_size), root, args.image_size, prompt_mode=data["prompt_mode"],

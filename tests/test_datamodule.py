@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sam3lora.data.batch import Sam3Batch
@@ -48,10 +48,17 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def data_yaml(name: str) -> DictConfig:
+    """``conf/data/<name>.yaml`` merged onto ``_common.yaml``, as its Hydra defaults list composes it."""
+    own = OmegaConf.load(CONF / f"{name}.yaml")
+    assert list(own.pop("defaults")) == ["_common", "_self_"]
+    return OmegaConf.merge(OmegaConf.load(CONF / "_common.yaml"), own)
+
+
 def compose(name: str, data_dir: Path, **overrides):
     """The data config as the lead's train.yaml would compose it (paths.data_dir, model.image_size)."""
     cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "model": {"image_size": S},
-                            "data": OmegaConf.load(CONF / f"{name}.yaml")})
+                            "data": data_yaml(name)})
     cfg.data.num_workers = 0
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"data.{key}", value, merge=False)
@@ -343,7 +350,7 @@ def test_epoch_counter_advances_and_is_restored(processor, data_dir):
 
 @pytest.mark.parametrize("name", ["synthetic", "coco", "yolo"])
 def test_every_yaml_key_is_an_argument(name):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = data_yaml(name)
     params = set(inspect.signature(Sam3DataModule.__init__).parameters) - {"self", "processor"}
     keys = set(cfg) - {"_target_", "_recursive_"}
     assert keys <= params and params - keys == set()
