@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import types
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ _PLAIN_BLOCKS = {
     "mask_decoder": "mask_decoder:self",
 }
 _INSTALLED = "_sam3lora_checkpointing"
-_DECODER = "_sam3lora_rpb_decoder"  # on a DETR decoder layer: weakref to its decoder
+_DECODER = "_sam3lora_rpb_decoder"  # on a DETR decoder layer: (its decoder,), a tuple so deepcopy maps it too
 _RPB_ARGS = "_sam3lora_rpb_args"  # on the decoder: the arguments of its latest box-RPB computation
 _RPB_CHECKED = "_sam3lora_rpb_checked"
 MASK_KWARG = "vision_cross_attn_mask"
@@ -90,7 +89,7 @@ def _mask_rebuilder(layer: nn.Module, kwargs: dict[str, Any], pop: bool = False)
     """For a checkpointing DETR decoder layer: a function that rebuilds its ``vision_cross_attn_mask`` from the
     reference boxes, when the mask was just computed from them and needs no gradient (else None)."""
     ref = layer.__dict__.get(_DECODER)
-    decoder = ref() if ref is not None else None
+    decoder = ref[0] if ref is not None else None
     mask = kwargs.get(MASK_KWARG)
     if decoder is None or not isinstance(mask, Tensor) or mask.requires_grad:
         return None
@@ -135,7 +134,7 @@ def checkpoint_kept_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any
     """The arguments a checkpointing block keeps for its recomputation (for ``sam3lora.perf.saved_bytes``)."""
     if _mask_rebuilder(module, kwargs) is None:
         return args, kwargs
-    boxes, _ = module.__dict__[_DECODER]().__dict__[_RPB_ARGS]
+    boxes, _ = module.__dict__[_DECODER][0].__dict__[_RPB_ARGS]
     return args, {**{k: v for k, v in kwargs.items() if k != MASK_KWARG}, "reference_boxes": boxes}
 
 
@@ -145,7 +144,7 @@ def _install(block: nn.Module, decoder: nn.Module | None = None) -> None:
         block.gradient_checkpointing = False
         setattr(block, _INSTALLED, True)
     if decoder is not None and hasattr(type(decoder), "_get_rpb_matrix"):
-        block.__dict__[_DECODER] = weakref.ref(decoder)
+        block.__dict__[_DECODER] = (decoder,)
         decoder.__dict__["_get_rpb_matrix"] = types.MethodType(_recording_rpb, decoder)
 
 
