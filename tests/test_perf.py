@@ -340,8 +340,12 @@ def test_bf16_base_with_fp32_adapters_trains_a_step() -> None:
     assert torch.isfinite(loss) and loss > 0
     assert grads.keys() == trainable.keys() and all(g.dtype == torch.float32 for g in grads.values())
     optimizer.step()
-    changed = [n for n, p in trainable.items() if not torch.equal(p, before[n])]
-    assert len(changed) == len(trainable)
+    changed = {n for n, p in trainable.items() if not torch.equal(p, before[n])}
+    # Text-only rows give the geometry encoder one unmasked token (its CLS; the padding box is masked): a softmax
+    # over one key has no gradient for its queries and keys, so only those LoRA weights may stay (exactly) still.
+    still = set(trainable) - changed
+    assert all(".geometry_encoder." in n and ("q_proj" in n or "k_proj" in n) for n in still), sorted(still)
+    assert all(grads[n].abs().max() == 0 for n in still) and len(changed) > 0.95 * len(trainable)
     assert {p.dtype for p in trainable.values()} == {torch.float32}
     with torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision=bf16-mixed on top of it
         mixed, _ = loss_and_grads(module, batch)
