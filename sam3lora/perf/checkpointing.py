@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from sam3lora.lora import unwrap_base
+
 #: Components that can checkpoint, in the order they run.
 CHECKPOINTABLE = ("vision_encoder", "text_encoder", "geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder")
 #: What ``module.perf.activation_checkpointing: true`` checkpoints (the encoders' ``GradientCheckpointingLayer``s).
@@ -54,11 +56,6 @@ CheckpointFn = Callable[..., Any]
 def default_checkpoint_fn() -> CheckpointFn:
     """``torch.utils.checkpoint.checkpoint`` with ``use_reentrant=False``."""
     return functools.partial(checkpoint, use_reentrant=False)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _checkpointing_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -167,7 +164,7 @@ def checkpoint_layers(
     unknown = sorted(set(components) - set(CHECKPOINTABLE))
     if unknown:
         raise ValueError(f"activation checkpointing: unknown component(s) {unknown}; known: {list(CHECKPOINTABLE)}")
-    base = _base(model)
+    base = unwrap_base(model)
     layers: dict[str, nn.Module] = {}
     for component in components:
         where = _PLAIN_BLOCKS.get(component)
@@ -203,7 +200,7 @@ def set_activation_checkpointing(
     if enabled and not layers:
         raise ValueError(f"activation checkpointing: no checkpointable block under {list(components)}")
     fn = checkpoint_fn or default_checkpoint_fn()
-    base = _base(model)
+    base = unwrap_base(model)
     for name, layer in layers.items():
         plain = not isinstance(layer, GradientCheckpointingLayer)
         decoder = base.detr_decoder if name.startswith("detr_decoder.") else None

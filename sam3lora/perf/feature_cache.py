@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from sam3lora.errors import Sam3LoRAError
+from sam3lora.lora import unwrap_base
 
 CACHE_MODES = ("memory", "disk")
 #: albumentations ops that are the same on every call (with these arguments)
@@ -37,18 +38,13 @@ class FeatureCacheError(Sam3LoRAError, ValueError):
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def frozen_problems(model: nn.Module, component: str) -> list[str]:
     """Why the features of ``component`` could change between calls (empty: they cannot).
 
     Trainable parameters (adapters, ``modules_to_save``) and dropout that is active in training make features
     vary; frozen adapters are fine (they are constant).
     """
-    module = _base(model).get_submodule(component)
+    module = unwrap_base(model).get_submodule(component)
     problems = [f"{component}.{n} is trainable" for n, p in module.named_parameters() if p.requires_grad]
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Dropout) and sub.p > 0:
@@ -296,7 +292,7 @@ class VisionFeatureCache:
             for i in ids
         ]
         stacked = tuple(torch.stack([levels[n] for levels in per_image]) for n in range(len(per_image[0])))
-        neck = _base(model).vision_encoder.neck
+        neck = unwrap_base(model).vision_encoder.neck
         positions = tuple(self._positions_for(neck, level).expand(level.shape[0], -1, -1, -1) for level in stacked)
         return Sam3VisionEncoderOutput(fpn_hidden_states=stacked, fpn_position_encoding=positions)
 

@@ -15,12 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from sam3lora.lora import unwrap_base
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
@@ -48,7 +45,7 @@ def prepare_low_precision_base(model: nn.Module) -> torch.dtype | None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    base = _base(model)
+    base = unwrap_base(model)
     norm = getattr(getattr(base, "geometry_encoder", None), "vision_layer_norm", None)
     if norm is not None:
         norm.float()

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sam3lora.lora import unwrap_base
 from sam3lora.perf.checkpointing import checkpoint_kept_inputs
 
 #: Components of ``Sam3Model`` in the order they run, and the top-level modules each one covers.
@@ -49,11 +50,6 @@ COMPONENT_MODULES: dict[str, tuple[str, ...]] = {
 COMPONENTS = tuple(COMPONENT_MODULES)
 OTHER = "other"
 LOSS = "loss"
-
-
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
@@ -134,7 +130,7 @@ class SavedBytes:
         groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.model = model
-        base = _base(model)
+        base = unwrap_base(model)
         self._stack: list[str] = []
         self._records: list[_Saved] = []
         self._recording = False
