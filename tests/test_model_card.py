@@ -24,10 +24,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
+from test_train_app import job_cfg
 
 from sam3lora.inference import Sam3LoRAPredictor
 from sam3lora.model import load_model, materialise_tiny
@@ -117,20 +116,8 @@ def run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     from sam3lora.training.app import run
 
     root = tmp_path_factory.mktemp("card_run")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"data.root={synthetic_root}", f"paths.root_dir={root}", *RUN_OVERRIDES],
-            return_hydra_config=True,
-        )
+    cfg = job_cfg(synthetic_root, root, *RUN_OVERRIDES, name="run")
     out = root / "run"
-    out.mkdir()
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
     try:
         run(cfg)
     finally:

@@ -19,8 +19,9 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from safetensors.torch import load_file
+from test_train_app import add_callbacks, job_cfg  # one way to build a job's config
 
 from sam3lora.training.app import run
 
@@ -36,29 +37,6 @@ LEAN = ["compare_with_start=false", "module.metrics.ap_every_n_epochs=0", "~call
 def hydra_runtime() -> Iterator[None]:
     yield
     HydraConfig.instance().cfg = None
-
-
-def job_cfg(root: Path, tmp_path: Path, *overrides: str, name: str = "job") -> DictConfig:
-    """One job's config as ``@hydra.main`` hands it to the app: runtime output dir ``tmp_path/name``."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"data.root={root}", f"paths.root_dir={tmp_path}", *overrides],
-                      return_hydra_config=True)
-    out = tmp_path / name
-    out.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def add_callbacks(cfg: DictConfig, **nodes: dict[str, Any]) -> DictConfig:
-    with open_dict(cfg):
-        for key, node in nodes.items():
-            cfg.callbacks[key] = node
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------ 1. resume

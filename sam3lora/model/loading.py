@@ -38,7 +38,10 @@ def resolve(name_or_path: str, seed: int = 0) -> str:
         return str(materialise_tiny(seed))
     if name_or_path == "tiny-pretrained":
         if not (PRETRAINED_DIR / "config.json").is_file():
-            raise ModelLoadError(f"{PRETRAINED_DIR} is missing: run `python scripts/pretrain_tiny.py` to make it")
+            raise ModelLoadError(
+                f"{PRETRAINED_DIR} is missing: make it with `python scripts/pretrain_tiny.py --state DIR` and package "
+                "the best weights with `--weights DIR/best.safetensors --out` (docs/training.md)"
+            )
         return str(PRETRAINED_DIR)
     if name_or_path == "sam3":
         return HUB_ID
