@@ -150,3 +150,4 @@ def test_dac_step_with_presets_checkpointing_and_bf16(synthetic_root: Path, batc
     losses["loss"].backward()
     decoder = [p for n, p in module.named_parameters() if p.requires_grad and "detr_decoder" in n]
     assert decoder and all(p.grad is not None and torch.isfinite(p.grad).all() for p in decoder)
+

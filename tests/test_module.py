@@ -328,3 +328,26 @@ def test_an_empty_validation_batch_logs_val_loss_with_weight_zero(synthetic_root
     module.log = lambda name, value, batch_size=None, **kw: logged.append((name, float(value), batch_size))
     assert module.validation_step(empty, 0) is None
     assert logged == [("val/loss", 0.0, 0)]
+
+
+def test_training_forward_equals_the_prediction_forward(synthetic_root: Path, batches: dict) -> None:
+    """One SAM 3 contract: the module (training code, eval mode) and ``inference.plain`` (prediction, the model
+    card's snippet) give identical outputs for the same weights and batch, and tokenise prompts the same way."""
+    from sam3lora.data import rows
+    from sam3lora.inference import plain
+
+    module = build_module(compose_cfg(synthetic_root))
+    module.eval()
+    batch = batches["val"]
+    with torch.no_grad():
+        ours = module(batch)
+    inputs = {"pixel_values": batch.pixel_values, "image_index": batch.image_index, "input_ids": batch.input_ids,
+              "attention_mask": batch.attention_mask, "input_boxes": batch.input_boxes,
+              "input_boxes_labels": batch.input_boxes_labels}
+    scores, boxes, masks = plain.sam3_forward(module.model, inputs)
+    assert torch.equal(scores, ours["pred_logits"].sigmoid() * ours["presence_logits"].sigmoid())
+    assert torch.equal(boxes, ours["pred_boxes"]) and torch.equal(masks, ours["pred_masks"])
+    tokens = batches["processor"].tokenizer(list(batch.prompts), padding="max_length", max_length=plain.TEXT_LENGTH,
+                                            truncation=True, return_tensors="pt")
+    assert torch.equal(tokens["input_ids"], batch.input_ids)
+    assert rows.PAD_LABEL == plain.PAD_LABEL and (batch.input_boxes_labels == plain.PAD_LABEL).any()
