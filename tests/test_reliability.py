@@ -69,17 +69,6 @@ class Scripted(L.Callback):
             Scripted.logged[self.tag][trainer.current_epoch] = metrics
 
 
-class StopAfterEpoch(L.Callback):
-    """Stop fitting after epoch ``epoch`` (its validation and checkpoints written): an interrupted run."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
-
-
 def adapter_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
@@ -95,7 +84,7 @@ def test_resume_into_a_new_run_directory_restores_the_best(synthetic_root: Path,
         cfg = job_cfg(synthetic_root, tmp_path, *common, *extra, name=name)
         add_callbacks(cfg, scripted={"_target_": f"{__name__}.Scripted", "tag": name})
         if stop:
-            add_callbacks(cfg, stop={"_target_": f"{__name__}.StopAfterEpoch", "epoch": 1})
+            add_callbacks(cfg, stop={"_target_": "test_train_app.StopAfterEpoch", "epoch": 1})
         run(cfg)
         return tmp_path / name
 
