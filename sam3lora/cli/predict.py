@@ -14,7 +14,6 @@ all images done, 1 some failed, 2 usage error (one line, no traceback).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,16 +33,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """``"x1,y1,x2,y2"`` (pixels) -> four floats."""
-    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+def box_argument(text: str) -> tuple[float, float, float, float]:
+    """``--box x1,y1,x2,y2`` (pixels) -> four floats (``parse_box``, with argparse's error)."""
+    from sam3lora.inference.errors import PromptError
+    from sam3lora.inference.predictor import parse_box
+
     try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError(f"--box {text!r}: expected four numbers x1,y1,x2,y2 (pixels)")
-    return values  # type: ignore[return-value]
+        return parse_box(text)
+    except PromptError as err:
+        raise argparse.ArgumentTypeError(f"--{err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files, folders (their images) or glob patterns (quote them)")
     p.add_argument("--text", action="append", default=[], help="text prompt (repeatable)")
-    p.add_argument("--box", action="append", default=[], type=parse_box, metavar="X1,Y1,X2,Y2",
+    p.add_argument("--box", action="append", default=[], type=box_argument, metavar="X1,Y1,X2,Y2",
                    help="exemplar box in pixels (repeatable); with --text it refines every text prompt, alone it "
                         "finds objects like the boxed one")
     p.add_argument("--base", default="facebook/sam3", help="base model: facebook/sam3 (default), a local "
@@ -71,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     return p
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "prompt"
 
 
 def _unique_stem(path: Path, taken: set[str]) -> str:
@@ -114,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from sam3lora.inference import PredictorError, Sam3LoRAPredictor, make_prompts
     from sam3lora.inference.draw import overlay
     from sam3lora.inference.images import find_images, read_image
-    from sam3lora.inference.predictor import check_boxes_inside
+    from sam3lora.inference.predictor import check_boxes_inside, prompt_slug
     from sam3lora.inference.records import detection_records, results_document, write_json
     from sam3lora.io import atomic_dir
 
@@ -172,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                         folder.mkdir(parents=True, exist_ok=True)
                         for k, mask in enumerate(result.masks.numpy()):
                             Image.fromarray(mask.astype("uint8") * 255).save(
-                                folder / f"{_slug(result.prompt)}_{k:03d}.png"
+                                folder / f"{prompt_slug(result.prompt)}_{k:03d}.png"
                             )
                 progress.advance(task)
         write_json(tmp / "predictions.json", results_document(images_meta, [p.text for p in prompts], detections))

@@ -8,7 +8,6 @@ message naming the problem; the app shows it in the page.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import re
 import shutil
@@ -24,12 +23,18 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from sam3lora.cli.predict import _slug, parse_box
 from sam3lora.data.images import to_rgb8
 from sam3lora.inference.draw import overlay
-from sam3lora.inference.errors import PredictorError
+from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, to_pil
-from sam3lora.inference.predictor import PromptResult, Sam3LoRAPredictor, check_boxes_inside, make_prompts
+from sam3lora.inference.predictor import (
+    PromptResult,
+    Sam3LoRAPredictor,
+    check_boxes_inside,
+    make_prompts,
+    parse_box,
+    prompt_slug,
+)
 from sam3lora.inference.records import detection_records, results_document, write_json
 
 BASE = "base"  # the label of the base model (no adapter); adapters may not use it
@@ -101,8 +106,8 @@ def parse_boxes(text: str | None) -> list[tuple[float, float, float, float]]:
         if part.strip():
             try:
                 boxes.append(parse_box(part))
-            except argparse.ArgumentTypeError as err:
-                raise DemoError(str(err).removeprefix("--")) from None
+            except PromptError as err:
+                raise DemoError(str(err)) from None
     return boxes
 
 
@@ -264,7 +269,7 @@ class DemoService:
                                      "area px": int(mask.sum())})
                         png = folder / "mask.png"
                         Image.fromarray(mask.numpy().astype("uint8") * 255).save(png)
-                        archive.write(png, f"{label}/{_slug(result.prompt)}_{k:03d}.png")
+                        archive.write(png, f"{label}/{prompt_slug(result.prompt)}_{k:03d}.png")
                         png.unlink()
         meta = [{"id": 1, "file_name": name, "width": image.width, "height": image.height}]
         doc = results_document(meta, prompts, detections)

@@ -11,6 +11,7 @@ logits, then sigmoid > mask_threshold (Meta's post-processor).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,23 @@ class ImageOutput:
     index: int
     size: tuple[int, int]
     rows: list[RowOutput]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"x1,y1,x2,y2"`` (pixels; commas or spaces) -> four floats; ``PromptError`` otherwise."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise PromptError(f"box {text!r}: expected four numbers x1,y1,x2,y2 (pixels)")
+    return values  # type: ignore[return-value]
+
+
+def prompt_slug(text: str) -> str:
+    """A file-name-safe form of a prompt: ``"Red circle!"`` -> ``"red-circle"``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "prompt"
 
 
 def make_prompts(text: str | Sequence[str] | None = None, boxes: Sequence[Any] | None = None) -> list[Prompt]:
