@@ -23,12 +23,12 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import Sam3Processor
 
+from sam3lora.data.rows import VISUAL_PROMPT  # the text paired with box-only prompts, as in training rows
 from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, image_name, to_pil
 from sam3lora.inference.loading import LoadedModel, load_for_inference
 from sam3lora.inference.plain import PAD_LABEL, TEXT_LENGTH, sam3_forward, sam3_inputs, sam3_instances, sam3_keep
 
-VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor and the training rows)
 __all__ = ["PAD_LABEL", "TEXT_LENGTH", "VISUAL_PROMPT", "Prompt", "PromptResult", "Sam3LoRAPredictor", "make_prompts"]
 _DEFAULT: Any = object()  # "the adapter this predictor uses by default"
 
