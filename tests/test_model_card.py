@@ -26,27 +26,15 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from PIL import Image
-from test_train_app import job_cfg
+from test_train_app import SMALL, job_cfg
 
 from sam3lora.inference import Sam3LoRAPredictor
 from sam3lora.model import load_model, materialise_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
-RUN_OVERRIDES = [
-    "data.num_workers=0",
-    "data.batch_size=2",
-    "data.max_prompts_per_image=3",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=1",
-    "trainer.accelerator=cpu",
-    "lora=minimal",
-    "~callbacks.plots",
-    "~callbacks.lr_monitor",
-    "~callbacks.progress_bar",
-    "~logger",
-]
+RUN_OVERRIDES = [*SMALL, "lora=minimal", "~callbacks.plots", "~callbacks.lr_monitor", "~callbacks.progress_bar",
+                 "~logger"]
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.-]+/)+[\w.-]*")
 PLACEHOLDER = "[More Information Needed]"
 

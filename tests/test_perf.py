@@ -65,6 +65,14 @@ def batch_for(module: Sam3LoRAModule, images: int = 2, prompts: int = 3, seed: i
     )
 
 
+def assert_same_step(loss: torch.Tensor, grads: dict, ref_loss: torch.Tensor, ref_grads: dict) -> None:
+    """The loss and every trainable parameter's gradient equal the reference step's (checkpointing changes none)."""
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def loss_and_grads(module: Sam3LoRAModule, batch, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Training-mode loss (dropout drawn from ``seed``) and the gradients of every trainable parameter."""
     module.train()
@@ -218,10 +226,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> N
     calls = [count_forwards(mlp) for mlp in mlps]
     ckpt_loss, ckpt_grads = loss_and_grads(module, batch)
     assert [len(c) for c in calls] == [2, 2], "no block was recomputed in backward"
-    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
-    assert ckpt_grads.keys() == plain_grads.keys()
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_step(ckpt_loss, ckpt_grads, plain_loss, plain_grads)
     module.configure_perf(PerfSettings())
     assert checkpointed_components(module.model) == []
 
@@ -255,10 +260,7 @@ def test_checkpointing_the_heads_gives_the_same_gradients_and_recomputes() -> No
     assert {name: len(c) for name, c in calls.items()} == inner, "a block was not recomputed in backward"
     # the decoder layers kept their reference boxes and rebuilt the box-RPB mask (checked against the original)
     assert module.base_model.detr_decoder.__dict__.get("_sam3lora_rpb_checked")
-    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=1e-6)
-    assert ckpt_grads.keys() == plain_grads.keys()
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_step(ckpt_loss, ckpt_grads, plain_loss, plain_grads)
     module.configure_perf(PerfSettings())
     assert checkpointed_components(module.model) == []
     decoder_layer = module.base_model.detr_decoder.layers[0]

@@ -15,28 +15,19 @@ from typing import Any, ClassVar
 
 import lightning as L
 import pytest
+import test_train_app
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from safetensors.torch import load_file
-from test_train_app import add_callbacks, job_cfg  # one way to build a job's config
+from test_train_app import LEAN, SMALL, add_callbacks, job_cfg  # one way to build a job's config
 
 from sam3lora.training.app import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SMALL = ["data.num_workers=0", "data.batch_size=2", "data.max_prompts_per_image=3", "trainer.max_epochs=1",
-         "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "trainer.accelerator=cpu"]
-LEAN = ["compare_with_start=false", "module.metrics.ap_every_n_epochs=0", "~callbacks.plots", "~callbacks.lr_monitor",
-        "~logger"]
-
-
-@pytest.fixture(autouse=True)
-def hydra_runtime() -> Iterator[None]:
-    yield
-    HydraConfig.instance().cfg = None
+hydra_runtime = test_train_app.hydra_runtime  # autouse: forget the Hydra runtime a test set up
 
 
 # ------------------------------------------------------------------------------------------ 1. resume

@@ -9,8 +9,6 @@ prints the same table.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from test_perf import batch_for, build_module
@@ -24,12 +22,7 @@ from sam3lora.training.module import Sam3LoRAModule
 MB = 1e6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for this module
 
 
 def measure(module: Sam3LoRAModule, **kwargs: object) -> SavedBytesReport:
