@@ -679,24 +679,21 @@ def _usage_section(facts: Mapping[str, Any]) -> list[str]:
     py_prompts = json.dumps(prompts)
     if facts["kind"] == "adapter":
         ref = facts.get("ref") or "adapter"
-        cli = f"sam3lora-predict images/ {text_flags} --base {base_arg} --adapter {ref} --out predictions"
-        py = [
-            "from sam3lora.inference import Sam3LoRAPredictor",
-            "",
-            f'predictor = Sam3LoRAPredictor.from_pretrained("{base_arg}", adapter="{ref}", device="auto")',
-            f'results = predictor.predict(["image.jpg"], text={py_prompts}, threshold=0.5)',
-            "for found in results[0]:  # one PromptResult per prompt: masks (N,H,W), boxes (N,4) xyxy px, scores (N,)",
-            "    print(found.prompt, found.scores.tolist())",
-        ]
+        cli_model = f"--base {base_arg} --adapter {ref}"
+        load_args = f'"{base_arg}", adapter="{ref}"'
     else:
         ref = facts.get("ref") or "merged"
-        cli = f"sam3lora-predict images/ {text_flags} --base {ref} --out predictions"
-        py = [
-            "from sam3lora.inference import Sam3LoRAPredictor",
-            "",
-            f'predictor = Sam3LoRAPredictor.from_pretrained("{ref}", device="auto")',
-            f'results = predictor.predict(["image.jpg"], text={py_prompts}, threshold=0.5)',
-        ]
+        cli_model = f"--base {ref}"
+        load_args = f'"{ref}"'
+    cli = f"sam3lora-predict images/ {text_flags} {cli_model} --out predictions"
+    py = [
+        "from sam3lora.inference import Sam3LoRAPredictor",
+        "",
+        f'predictor = Sam3LoRAPredictor.from_pretrained({load_args}, device="auto")',
+        f'results = predictor.predict(["image.jpg"], text={py_prompts}, threshold=0.5)',
+        "for found in results[0]:  # one PromptResult per prompt: masks (N,H,W), boxes (N,4) xyxy px, scores (N,)",
+        "    print(found.prompt, found.scores.tolist())",
+    ]
     seed_note = []
     match = re.fullmatch(r"tiny-seed(\d+)", str(facts["base"].get("name_or_path")))
     if facts["kind"] == "adapter" and match and match.group(1) != "0":
