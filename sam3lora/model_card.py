@@ -10,7 +10,7 @@ A card is YAML metadata (``base_model`` only when the base came from the hub, ``
   ``sam3lora.json`` under ``run``, so a card can be rewritten later (``finish_run_cards`` at the end of ``fit``,
   when the start-vs-best numbers are known) and a merged export carries the same card;
 - how to use it: ``sam3lora-predict`` / ``Sam3LoRAPredictor``, and plain transformers + PEFT with the source of
-  ``sam3lora.inference.plain`` embedded, so the snippet reproduces our predictions with no sam3lora code.
+  ``sam3lora.sam3`` (the SAM 3 contract) embedded, so the snippet reproduces our predictions with no sam3lora code.
 
 ``docs/adapters.md`` describes the conventions.
 """
@@ -461,10 +461,10 @@ def _base_display(base: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 def plain_source() -> str:
-    """The source of ``sam3lora.inference.plain`` without its module docstring (torch + transformers only)."""
-    import sam3lora.inference.plain as plain
+    """The source of ``sam3lora.sam3`` without its module docstring (torch + transformers only)."""
+    import sam3lora.sam3 as contract
 
-    source = Path(plain.__file__).read_text()
+    source = Path(contract.__file__).read_text()
     tree = ast.parse(source)
     first = tree.body[0]
     if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant):
@@ -714,7 +714,7 @@ def _usage_section(facts: Mapping[str, Any]) -> list[str]:
         "### With plain transformers" + (" + PEFT" if facts["kind"] == "adapter" else ""),
         "",
         "No sam3lora needed: these functions are sam3lora's own input preparation and post-processing "
-        "(`sam3lora/inference/plain.py`, copied here), so the snippet reproduces `sam3lora-predict` on the same "
+        "(`sam3lora/sam3.py`, copied here), so the snippet reproduces `sam3lora-predict` on the same "
         "images: "
         "scores and boxes to 1e-5, identical masks (checked by sam3lora's `tests/test_model_card.py`).",
         "",

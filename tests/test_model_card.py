@@ -259,7 +259,7 @@ def test_portable_names() -> None:
 def test_transformers_processor_differs_where_the_card_says(image_paths: list[str]) -> None:
     """Text only: transformers' processor sends no box, ours one padding box (label -10); given our inputs the
     model is the same, and the geometry encoder's CLS token changes the outputs."""
-    from sam3lora.inference.plain import sam3_forward, sam3_inputs
+    from sam3lora.sam3 import sam3_forward, sam3_inputs
 
     model, processor = load_model("tiny")
     image = Image.open(image_paths[0]).convert("RGB")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam3lora.data.rows import PAD_LABEL, VISUAL_PROMPT, PromptSettings, build_rows
+from sam3lora.data.rows import PromptSettings, build_rows
+from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT
 
 PROMPTS = {1: ["red circle", "crimson disc"], 2: ["blue square"], 3: ["green triangle"], 4: ["yellow star"],
            5: ["magenta ring"], 6: ["cyan cross"]}

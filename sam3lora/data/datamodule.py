@@ -36,12 +36,12 @@ from torch.utils.data import DataLoader, Dataset
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.data.coco import DataError
 from sam3lora.data.readers import BadSampleError, DatasetReader, ReaderFactory, build_reader
-from sam3lora.data.rows import VISUAL_PROMPT, PromptSettings, Row, build_rows
+from sam3lora.data.rows import PromptSettings, Row, build_rows
 from sam3lora.data.transforms import Sam3Transform, build_transform
 from sam3lora.data.validate import DatasetProblems, Issue
+from sam3lora.sam3 import PAD_LABEL, TEXT_LENGTH, VISUAL_PROMPT, tokenize
 
 log = logging.getLogger(__name__)
-TEXT_LENGTH = 32
 ON_BAD_SAMPLE = ("raise", "skip")
 SKIP_HINT = "data.on_bad_sample=skip skips bad samples"
 
@@ -205,12 +205,6 @@ class BadSampleFailure:
     problem: str
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Processor tokenizer -> ``input_ids``, ``attention_mask`` long (N, 32)."""
-    enc = tokenizer(list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
-    return enc["input_ids"].long(), enc["attention_mask"].long()
-
-
 class Sam3Collate:
     """``list[ImageSample | None] -> Sam3Batch``: rows grouped by image (None items are dropped; with no
     item left the batch has I = R = 0).
@@ -243,7 +237,7 @@ class Sam3Collate:
         rows = [(i, row) for i, s in enumerate(samples) for row in s.rows]
         k = max((len(row.box_labels) for _, row in rows), default=1)
         boxes = torch.zeros(len(rows), k, 4, dtype=torch.float32)
-        labels = torch.full((len(rows), k), -10, dtype=torch.long)
+        labels = torch.full((len(rows), k), PAD_LABEL, dtype=torch.long)
         targets: list[dict[str, torch.Tensor]] = []
         for r, (i, row) in enumerate(rows):
             n = len(row.box_labels)

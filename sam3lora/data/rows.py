@@ -17,10 +17,10 @@ from typing import Literal
 
 import numpy as np
 
+from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT
+
 PromptMode = Literal["text", "box", "text+box"]
 PROMPT_MODES: tuple[str, ...] = ("text", "box", "text+box")
-VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor); prediction uses it too
-PAD_LABEL = -10  # a padding box: masked out, but the geometry encoder still adds its CLS token (inference.plain too)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """``Sam3LoRAPredictor``: SAM 3 (+ LoRA adapters) on images with text and/or exemplar-box prompts.
 
-Inputs, forward pass and post-processing are the functions of ``sam3lora.inference.plain`` (torch + transformers
-only; the model cards copy them as the plain-transformers snippet): the processor resizes (stretch) and normalises
-each image; one row per (image, prompt); text-only rows carry one padding box (label -10), as Meta's model; exemplar
-boxes are normalised cxcywh with label 1. The vision encoder runs once per image and its features are indexed per
-row (as ``Sam3LoRAModule.forward``). Scores are SAM 3's: sigmoid(logit) * sigmoid(presence); masks are upsampled
-logits, then sigmoid > mask_threshold (Meta's post-processor).
+Inputs, forward pass and post-processing are the functions of the SAM 3 contract ``sam3lora.sam3`` (torch +
+transformers only; the model cards copy them as the plain-transformers snippet; training runs the same forward):
+the processor resizes (stretch) and normalises each image; one row per (image, prompt); text-only rows carry one
+padding box (label -10), as Meta's model; exemplar boxes are normalised cxcywh with label 1. The vision encoder runs
+once per image and its features are indexed per row. Scores are SAM 3's: sigmoid(logit) * sigmoid(presence); masks
+are upsampled logits, then sigmoid > mask_threshold (Meta's post-processor).
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import Sam3Processor
 
-from sam3lora.data.rows import VISUAL_PROMPT  # the text paired with box-only prompts, as in training rows
 from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, image_name, to_pil
 from sam3lora.inference.loading import LoadedModel, load_for_inference
-from sam3lora.inference.plain import PAD_LABEL, TEXT_LENGTH, sam3_forward, sam3_inputs, sam3_instances, sam3_keep
+from sam3lora.sam3 import VISUAL_PROMPT, sam3_forward, sam3_inputs, sam3_instances, sam3_keep
 
-__all__ = ["PAD_LABEL", "TEXT_LENGTH", "VISUAL_PROMPT", "Prompt", "PromptResult", "Sam3LoRAPredictor", "make_prompts"]
+__all__ = ["Prompt", "PromptResult", "Sam3LoRAPredictor", "make_prompts"]
 _DEFAULT: Any = object()  # "the adapter this predictor uses by default"
 
 

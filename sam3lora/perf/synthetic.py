@@ -6,8 +6,8 @@ import torch
 from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.data.datamodule import TEXT_LENGTH
 from sam3lora.model.tiny import tiny_tokenizer
+from sam3lora.sam3 import TEXT_LENGTH
 
 PATCH = 14
 

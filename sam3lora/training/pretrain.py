@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.data.datamodule import tokenize
 from sam3lora.data.synthetic import MAX_OBJECTS, parse_categories, render_image
 from sam3lora.io import atomic_file
+from sam3lora.sam3 import tokenize
 from sam3lora.training.module import Sam3LoRAModule
 from sam3lora.training.schedule import ScheduleSettings
 

@@ -1,33 +1,50 @@
-"""SAM 3 from plain transformers, exactly as sam3lora runs it: the inputs, the forward pass, the post-processing.
+"""The SAM 3 contract: how sam3lora feeds ``Sam3Model`` and reads its outputs, in training and in prediction.
 
-This module imports only torch, PIL and transformers (no sam3lora), so that the model card of every adapter and
-merged export can copy its source as the "plain transformers + PEFT" snippet; ``Sam3LoRAPredictor`` calls the same
-functions, so the snippet and ``sam3lora-predict`` are one implementation.
+This is the one place that states it: the prompt constants, tokenising, the rows of a batch, the forward pass
+(vision once per image, indexed per row) and the scores and instances read from its outputs. Data, training,
+evaluation, prediction, export and the demo import it. It imports only torch, PIL and transformers (no sam3lora),
+so that the model card of every adapter and merged export copies its source as the "plain transformers + PEFT"
+snippet: the snippet, ``sam3lora-predict`` and the training forward are one implementation.
 
 Inputs (``sam3_inputs``): one row per (image, prompt). The image is resized (stretched) and normalised by
-``Sam3Processor``; the text is tokenized to 32 tokens; exemplar boxes (xyxy pixels) become normalised cxcywh with
-label 1. A text-only row carries ONE PADDING BOX (zeros, label -10): the geometry encoder masks it out but still
-appends its CLS token to the prompt, as Meta's official model always does. ``Sam3Processor(text=...)`` sends no
-box for text-only prompts, so the geometry encoder is skipped and the detections differ.
+``Sam3Processor``; the text is tokenized to 32 tokens (``tokenize``; a box-only prompt has the text
+``VISUAL_PROMPT``); exemplar boxes (xyxy pixels) become normalised cxcywh with label 1. A text-only row carries ONE
+PADDING BOX (zeros, label ``PAD_LABEL`` = -10): the geometry encoder masks it out but still appends its CLS token to
+the prompt, as Meta's official model always does. ``Sam3Processor(text=...)`` sends no box for text-only prompts,
+so the geometry encoder is skipped and the detections differ. Training builds the same rows from its datasets
+(``sam3lora.data.rows``, negatives with label 0 included).
 
-Forward (``sam3_forward``): the vision encoder runs once per image; its features are indexed per row. Score of a
-query = sigmoid(logit) * sigmoid(presence logit).
+Forward (``sam3_rows``, with grad, as training runs it; ``sam3_forward``, no grad, as prediction runs it): the
+vision encoder runs once per image; its features are indexed per row. Score of a query (``sam3_scores``) =
+sigmoid(logit) * sigmoid(presence logit).
 
-Post-processing (``sam3_instances``), as Meta's ``PostProcessImage``: mask LOGITS are upsampled bilinearly
-(align_corners=False) to the original size, then sigmoid > mask_threshold; boxes (normalised xyxy) are scaled to
-pixels. Differences from Meta's: instances scoring >= threshold are kept (Meta: >), sorted by score, and boxes are
-clamped to the image. transformers' ``post_process_instance_segmentation`` instead upsamples mask PROBABILITIES
-(masks differ at edges), keeps scores > threshold in query order, does not clamp boxes and returns long masks.
+Post-processing (``sam3_keep``, ``sam3_instances``), as Meta's ``PostProcessImage``: mask LOGITS are upsampled
+bilinearly (align_corners=False) to the original size, then sigmoid > mask_threshold; boxes (normalised xyxy) are
+scaled to pixels. Differences from Meta's: instances scoring >= threshold are kept (Meta: >), sorted by score, and
+boxes are clamped to the image. transformers' ``post_process_instance_segmentation`` instead upsamples mask
+PROBABILITIES (masks differ at edges), keeps scores > threshold in query order, does not clamp boxes and returns
+long masks.
 """
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import Sam3Processor
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
 PAD_LABEL = -10  # label of a padding box: masked out, but the geometry encoder still adds its CLS token
 TEXT_LENGTH = 32  # tokens per prompt (SAM 3's text context)
+VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3Processor does)
 MASK_CHUNK = 16  # masks upsampled per step (bounds memory at large image sizes)
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The processor's tokenizer on ``texts`` -> ``input_ids``, ``attention_mask`` long (N, TEXT_LENGTH)."""
+    enc = tokenizer(list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
 def sam3_inputs(
@@ -39,16 +56,13 @@ def sam3_inputs(
         processor: the ``Sam3Processor`` of the model.
         images: RGB PIL images (any sizes).
         prompts: ``(text, boxes)`` pairs; ``boxes`` are exemplar boxes in xyxy pixels of each image (positive),
-            ``[]`` for a text-only prompt. Box-only prompts use the text ``"visual"``.
+            ``[]`` for a text-only prompt. Box-only prompts use the text ``VISUAL_PROMPT``.
     Returns:
         ``pixel_values`` (I,3,S,S), ``image_index`` long (I*P,) (row -> image), ``input_ids`` and
         ``attention_mask`` long (I*P,32), ``input_boxes`` (I*P,K,4) normalised cxcywh, ``input_boxes_labels``
         long (I*P,K): 1 for an exemplar, -10 for padding (K >= 1: text-only rows get one padding box).
     """
-    tokens = processor.tokenizer(
-        [text for text, _ in prompts], padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-        return_tensors="pt",
-    )
+    input_ids, attention_mask = tokenize(processor.tokenizer, [text for text, _ in prompts])
     slots = max([1] + [len(boxes) for _, boxes in prompts])
     input_boxes = torch.zeros(len(images), len(prompts), slots, 4)
     labels = torch.full((len(images), len(prompts), slots), PAD_LABEL, dtype=torch.long)
@@ -63,11 +77,46 @@ def sam3_inputs(
     return {
         "pixel_values": processor(images=list(images), return_tensors="pt")["pixel_values"],
         "image_index": torch.arange(len(images)).repeat_interleave(len(prompts)),
-        "input_ids": tokens["input_ids"].repeat(len(images), 1),
-        "attention_mask": tokens["attention_mask"].repeat(len(images), 1),
+        "input_ids": input_ids.repeat(len(images), 1),
+        "attention_mask": attention_mask.repeat(len(images), 1),
         "input_boxes": input_boxes.flatten(0, 1),
         "input_boxes_labels": labels.flatten(0, 1),
     }
+
+
+def sam3_rows(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    vision: Sam3VisionEncoderOutput | None = None,
+    text_embeds: Any = None,
+) -> Sam3ImageSegmentationOutput:
+    """``model``'s raw outputs for the R rows of ``inputs`` (``sam3_inputs`` or a training batch), with grad.
+
+    The vision encoder runs once on ``pixel_values`` (I,3,S,S), unless ``vision`` (its output for those I images,
+    e.g. from a feature cache) is given; its ``fpn_*`` features are indexed per row by ``image_index`` (R,).
+    ``text_embeds`` (the text encoder's output for the R rows) replaces ``input_ids`` when given. No casting:
+    inputs must be on the model's device.
+    """
+    if vision is None:
+        vision = model.get_vision_features(pixel_values=inputs["pixel_values"])
+    rows = inputs["image_index"]
+    per_row = type(vision)(
+        fpn_hidden_states=tuple(t[rows] for t in vision.fpn_hidden_states),
+        fpn_position_encoding=tuple(t[rows] for t in vision.fpn_position_encoding),
+    )
+    text = {"input_ids": inputs["input_ids"]} if text_embeds is None else {"text_embeds": text_embeds}
+    return model(
+        vision_embeds=per_row,
+        **text,
+        attention_mask=inputs["attention_mask"],
+        input_boxes=inputs["input_boxes"],
+        input_boxes_labels=inputs["input_boxes_labels"],
+    )
+
+
+def sam3_scores(pred_logits: torch.Tensor, presence_logits: torch.Tensor) -> torch.Tensor:
+    """Score of each query: sigmoid(logit) (R,Q) * sigmoid(presence logit) (R,1) -> (R,Q)."""
+    return pred_logits.sigmoid() * presence_logits.sigmoid()
 
 
 @torch.no_grad()
@@ -75,24 +124,14 @@ def sam3_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tup
     """Run ``model`` (a ``Sam3Model``, or a ``PeftModel`` around one) on ``sam3_inputs``: one vision pass per image.
 
     Returns ``scores`` (R,Q) = sigmoid(logit) * sigmoid(presence), ``boxes`` (R,Q,4) normalised xyxy and mask
-    ``logits`` (R,Q,h,w), all float32 on the model's device. Inputs are cast to the weights' device and dtype.
+    ``logits`` (R,Q,h,w), all float32 on the model's device. Inputs are cast to the weights' device (and the
+    floating ones to their dtype).
     """
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
-    vision = model.get_vision_features(pixel_values=inputs["pixel_values"].to(device, dtype))
-    rows = inputs["image_index"].to(device)
-    per_row = type(vision)(
-        fpn_hidden_states=tuple(t[rows] for t in vision.fpn_hidden_states),
-        fpn_position_encoding=tuple(t[rows] for t in vision.fpn_position_encoding),
-    )
-    out = model(
-        vision_embeds=per_row,
-        input_ids=inputs["input_ids"].to(device),
-        attention_mask=inputs["attention_mask"].to(device),
-        input_boxes=inputs["input_boxes"].to(device, dtype),
-        input_boxes_labels=inputs["input_boxes_labels"].to(device),
-    )
-    scores = out.pred_logits.float().sigmoid() * out.presence_logits.float().sigmoid()
+    cast = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    out = sam3_rows(model, cast)
+    scores = sam3_scores(out.pred_logits.float(), out.presence_logits.float())
     return scores, out.pred_boxes.float(), out.pred_masks.float()
 
 
