@@ -1,4 +1,5 @@
-"""Learning-rate schedules (``sam3lora.training.schedule``): warm-up, then cosine / linear / constant decay."""
+"""Learning-rate schedules (``sam3lora.training.schedule``): warm-up, then cosine / linear / constant decay, read
+off a real optimiser stepped by the built scheduler."""
 
 from __future__ import annotations
 
@@ -13,10 +14,27 @@ TOTAL = 50
 WARMUP = 10
 
 
-def curve(name: str, warmup: int = WARMUP, min_lr_ratio: float = 0.0, total: int = TOTAL) -> list[float]:
-    """Multiplier of the peak learning rate at optimiser steps 0..total (one past the last step)."""
-    f = ScheduleSettings(name=name, warmup_steps=warmup, min_lr_ratio=min_lr_ratio).factor(total)
-    return [f(s) for s in range(total + 1)]
+def optimiser(peaks: tuple[float, ...] = (1.0,)) -> torch.optim.Optimizer:
+    """AdamW over one parameter group per peak learning rate."""
+    return torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in peaks])
+
+
+def run(settings: ScheduleSettings, total: int, steps: int, peaks: tuple[float, ...] = (1.0,)) -> list[list[float]]:
+    """Each group's learning rate at optimiser steps 0..steps-1 of a schedule built for ``total`` steps."""
+    optimizer = optimiser(peaks)
+    scheduler = settings.build(optimizer, total)
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def curve(name: str, warmup: int = WARMUP, min_lr_ratio: float = 0.0, total: int = TOTAL, past: int = 0) -> list[float]:
+    """Multiplier of the peak learning rate at optimiser steps 0..total (one past the last step) + ``past``."""
+    settings = ScheduleSettings(name=name, warmup_steps=warmup, min_lr_ratio=min_lr_ratio)
+    return [lrs[0] for lrs in run(settings, total, total + 1 + past)]
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -62,12 +80,11 @@ def test_constant_stays_at_the_peak_after_warmup_and_ignores_min_lr_ratio() -> N
 @pytest.mark.parametrize("name", ["cosine", "linear"])
 def test_min_lr_ratio_is_the_floor_and_holds_past_the_end(name: str) -> None:
     ratio = 0.05
-    f = ScheduleSettings(name=name, warmup_steps=0, min_lr_ratio=ratio).factor(TOTAL)
-    assert f(0) == pytest.approx(1.0)
-    assert min(f(s) for s in range(TOTAL + 1)) == pytest.approx(ratio)
-    assert f(TOTAL + 7) == pytest.approx(ratio)  # steps past the estimate (e.g. a resumed run) stay at the floor
-    zero = ScheduleSettings(name=name, warmup_steps=0, min_lr_ratio=0.0).factor(TOTAL)
-    assert zero(TOTAL) == pytest.approx(0.0)
+    values = curve(name, warmup=0, min_lr_ratio=ratio, past=7)
+    assert values[0] == pytest.approx(1.0)
+    assert min(values) == pytest.approx(ratio)
+    assert values[TOTAL:] == pytest.approx([ratio] * 8)  # steps past the estimate (e.g. a resumed run) stay there
+    assert curve(name, warmup=0, min_lr_ratio=0.0)[TOTAL] == pytest.approx(0.0)
 
 
 def test_warmup_longer_than_training_still_reaches_the_peak() -> None:
@@ -77,22 +94,46 @@ def test_warmup_longer_than_training_still_reaches_the_peak() -> None:
     assert max(values) <= 1.0 + 1e-12
 
 
-def test_lambdalr_steps_the_optimiser_along_the_curve() -> None:
-    """What configure_optimizers does: LambdaLR stepped once per optimiser step, peak = the optimiser's lr."""
-    peak, total = 3e-4, 12
+def test_each_group_follows_the_curve_from_its_own_peak() -> None:
+    """What configure_optimizers does (per-component learning rates are parameter groups): every group runs the
+    same multipliers of its own peak, floor included."""
     settings = ScheduleSettings(name="cosine", warmup_steps=3, min_lr_ratio=0.1)
-    param = torch.nn.Parameter(torch.zeros(2))
-    optimizer = torch.optim.AdamW([param], lr=peak)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.factor(total))
-    seen = []
-    for _ in range(total):
-        seen.append(optimizer.param_groups[0]["lr"])
-        param.grad = torch.ones(2)
+    peaks, total = (3e-4, 1e-5), 12
+    seen = run(settings, total, total + 3, peaks)
+    factors = curve("cosine", warmup=3, min_lr_ratio=0.1, total=total, past=2)
+    for g, peak in enumerate(peaks):
+        assert [lrs[g] for lrs in seen] == pytest.approx([peak * f for f in factors], rel=1e-9)
+    assert max(lrs[0] for lrs in seen) == pytest.approx(peaks[0])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_restored_scheduler_continues_exactly(name: str) -> None:
+    """Resume: a scheduler loaded from another's state_dict (what a Lightning checkpoint holds) goes on as the
+    uninterrupted one, across the warm-up/decay/floor boundaries."""
+    settings = ScheduleSettings(name=name, warmup_steps=4, min_lr_ratio=0.2)
+    total = 10
+    whole = [lrs[0] for lrs in run(settings, total, total + 4)]
+    for cut in (2, 6, 11):  # in the warm-up, the decay and past the end
+        assert resumed(settings, total, cut, total + 4) == pytest.approx(whole[cut:], rel=1e-12)
+
+
+def resumed(settings: ScheduleSettings, total: int, cut: int, steps: int) -> list[float]:
+    """Learning rates at steps cut..steps-1 of a scheduler restored from the state of one stopped at ``cut``."""
+    optimizer = optimiser()
+    first = settings.build(optimizer, total)
+    for _ in range(cut):
         optimizer.step()
-        scheduler.step()
-    f = settings.factor(total)
-    assert seen == pytest.approx([peak * f(s) for s in range(total)])
-    assert max(seen) == pytest.approx(peak)
+        first.step()
+    fresh = optimiser()  # Lightning's order: configure_optimizers, then the optimiser's state, then the scheduler's
+    second = settings.build(fresh, total)
+    fresh.load_state_dict(optimizer.state_dict())
+    second.load_state_dict(first.state_dict())
+    rest = []
+    for _ in range(steps - cut):
+        rest.append(fresh.param_groups[0]["lr"])
+        fresh.step()
+        second.step()
+    return rest
 
 
 @pytest.mark.parametrize(
@@ -107,6 +148,6 @@ def test_lambdalr_steps_the_optimiser_along_the_curve() -> None:
 )
 def test_bad_settings_are_errors_naming_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as info:
-        ScheduleSettings(**kwargs)
+        ScheduleSettings(**{"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.0, **kwargs})
     if "name" in kwargs:  # the message lists the valid choices
         assert all(name in str(info.value) for name in SCHEDULES)

@@ -360,7 +360,7 @@ class Pretrainer:
         self.optimizer = torch.optim.AdamW(module.param_groups(), lr=settings.lr,
                                            weight_decay=settings.weight_decay)
         schedule = ScheduleSettings("cosine", settings.warmup_steps, settings.min_lr_ratio)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.factor(settings.steps))
+        self.scheduler = schedule.build(self.optimizer, settings.steps)
         self.step = 0
         self.images_seen = 0
         self.seconds = 0.0
