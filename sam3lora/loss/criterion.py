@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from hydra.utils import get_method, instantiate
 from torch import Tensor, nn
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from sam3lora.loss.matcher import HungarianMatcher, MatchIndices, OneToManyMatcher
+from sam3lora.loss.matcher import HungarianMatcher, Matcher, MatchIndices, OneToManyMatcher, match_layers
 
 ExtraTerm = Callable[[dict[str, Any], list[dict[str, Tensor]], MatchIndices], Tensor]
 """A user loss term: ``(outputs, targets, indices) -> scalar Tensor`` (final layer, final-layer indices)."""
@@ -276,8 +277,8 @@ class Sam3Criterion(nn.Module):
         return self.matcher(outputs["pred_logits"], outputs["pred_boxes"], targets)
 
     @staticmethod
-    def has_mask_cpu(targets: list[dict[str, Tensor]]) -> list[Tensor]:
-        """Per row (n,) bool CPU tensor: which instances carry a mask (one device sync for the batch).
+    def has_mask_flags(targets: list[dict[str, Tensor]]) -> Tensor:
+        """(N,) bool on the targets' device, N = all instances of the batch in row order: which carry a mask.
 
         Uses ``has_mask``; a target without it has masks iff it has a ``masks`` entry of length n.
         """
@@ -289,21 +290,26 @@ class Sam3Criterion(nn.Module):
             else:
                 has = t.get("masks") is not None and len(t["masks"]) == n
                 flags.append(torch.full((n,), has, dtype=torch.bool))
-        if not flags:
-            return []
         device = next((f.device for f in flags if f.device.type != "cpu"), torch.device("cpu"))
-        flat = torch.cat([f.to(device) for f in flags]).cpu()
-        return list(flat.split([len(f) for f in flags]))
+        return torch.cat([f.to(device) for f in flags]) if flags else torch.zeros(0, dtype=torch.bool)
 
-    def num_instances(self, targets: list[dict[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
-        """(num_boxes, num_masks): GT counts of the batch, averaged over DDP processes, clamped to >= 1."""
-        counts = torch.tensor(
-            [
-                float(sum(len(t["boxes"]) for t in targets)),
-                float(sum(int(h.sum()) for h in self.has_mask_cpu(targets))),
-            ],
-            device=device,
-        )
+    @staticmethod
+    def _split_rows(flat: np.ndarray, targets: list[dict[str, Tensor]]) -> list[np.ndarray]:
+        """Per-instance host values of the batch (N,) -> one (n,) bool array per row."""
+        ends = np.cumsum([len(t["boxes"]) for t in targets])[:-1]
+        return [part.astype(bool) for part in np.split(flat, ends)] if targets else []
+
+    def num_instances(
+        self, targets: list[dict[str, Tensor]], device: torch.device, has_mask: list[np.ndarray] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(num_boxes, num_masks): GT counts of the batch, averaged over DDP processes, clamped to >= 1.
+
+        ``has_mask``: the per-row host flags when the caller already has them (else one device->host copy here).
+        """
+        if has_mask is None:
+            has_mask = self._split_rows(self.has_mask_flags(targets).cpu().numpy(), targets)
+        num_masks = sum(int(h.sum()) for h in has_mask)
+        counts = torch.tensor([float(sum(len(t["boxes"]) for t in targets)), float(num_masks)], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             counts = counts / dist.get_world_size()
@@ -408,48 +414,68 @@ class Sam3Criterion(nn.Module):
         targets: list[dict[str, Tensor]],
         indices: MatchIndices,
         num_masks: Tensor,
+        has_mask: list[np.ndarray],
     ) -> dict[str, Tensor]:
         """``loss_mask`` (focal, mean over pixels) and ``loss_dice`` of matched queries with a GT mask.
 
         Each summed over instances / ``num_masks`` (the caller passes the box count under the official
-        ``mask_normalization: boxes``). Box-only targets (``has_mask`` False) are left out.
+        ``mask_normalization: boxes``). Box-only targets (``has_mask``, per row (n,) host flags, False) are left out.
         """
         pred_masks = outputs["pred_masks"]
-        src, tgt = [], []
-        has_mask = self.has_mask_cpu(targets)
+        rows, queries, tgt = [], [], []
         for r, (t, (q, j)) in enumerate(zip(targets, indices, strict=True)):
-            if len(j) == 0:
+            keep = np.flatnonzero(has_mask[r][j.numpy()])  # host bookkeeping: positions in this row's matches
+            if len(keep) == 0:
                 continue
-            keep = has_mask[r][j.cpu()]
-            if keep.any():
-                src.append(pred_masks[r, q[keep].to(pred_masks.device)])
-                tgt.append(t["masks"][j[keep].to(t["masks"].device)].to(pred_masks.device))
-        if not src:
+            rows.extend([r] * len(keep))
+            queries.append(q.numpy()[keep])
+            tgt.append(t["masks"][torch.as_tensor(j.numpy()[keep]).to(t["masks"].device)].to(pred_masks.device))
+        if not rows:
             return {"loss_mask": _zero(pred_masks), "loss_dice": _zero(pred_masks)}
-        logits, target = self._dense_pair(torch.cat(src), torch.cat(tgt))
+        src = pred_masks[torch.as_tensor(rows).to(pred_masks.device), torch.as_tensor(np.concatenate(queries)).to(
+            pred_masks.device)]
+        logits, target = self._dense_pair(src, torch.cat(tgt))
         focal = focal_loss_per_item(logits, target, self.mask_focal_alpha, self.mask_focal_gamma)
         dice = dice_loss_per_item(logits, target)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
+    @staticmethod
+    def semantic_flags(targets: list[dict[str, Tensor]]) -> Tensor:
+        """(R,) bool on the device: the union of the row's masked instances has a foreground pixel (no sync)."""
+        flags = []
+        for t in targets:
+            n = len(t["boxes"])
+            masks = t.get("masks")
+            if n == 0 or masks is None or len(masks) != n:
+                flags.append(torch.zeros((), dtype=torch.bool, device=t["boxes"].device))
+                continue
+            has = t["has_mask"].bool().reshape(n) if "has_mask" in t else torch.ones(n, dtype=torch.bool)
+            flags.append((masks.flatten(1).bool().any(1) & has.to(masks.device)).any().to(t["boxes"].device))
+        return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
     def loss_semantic(
-        self, outputs: Mapping[str, Any], targets: list[dict[str, Tensor]]
+        self,
+        outputs: Mapping[str, Any],
+        targets: list[dict[str, Tensor]],
+        has_mask: list[np.ndarray],
+        nonempty: np.ndarray,
     ) -> dict[str, Tensor]:
         """``loss_semantic_focal`` and ``loss_semantic_dice``: ``semantic_seg (R,1,h,w)`` vs the union of the
         row's instance masks, mean over the rows whose union is non-empty.
 
-        ``semantic_box_only: background`` (official): a box-only instance adds nothing to the union, so its area
-        is trained as background; the mean is ``sum / (rows + 1e-6)`` as the official code. ``skip_row``: rows
-        with any box-only instance are left out (no hole trained as background).
+        ``has_mask`` (per row (n,) host flags) and ``nonempty`` ((R,) host flags of ``semantic_flags``) come with
+        the step's one device->host copy. ``semantic_box_only: background`` (official): a box-only instance adds
+        nothing to the union, so its area is trained as background; the mean is ``sum / (rows + 1e-6)`` as the
+        official code. ``skip_row``: rows with any box-only instance are left out (no hole trained as background).
         """
         sem = outputs["semantic_seg"]
         rows, unions = [], []
-        for r, (t, has) in enumerate(zip(targets, self.has_mask_cpu(targets), strict=True)):
-            if len(has) == 0 or (self.semantic_box_only == "skip_row" and not bool(has.all())):
+        for r, (t, has) in enumerate(zip(targets, has_mask, strict=True)):
+            if len(has) == 0 or (self.semantic_box_only == "skip_row" and not has.all()) or not nonempty[r]:
                 continue
-            union = t["masks"][has.to(t["masks"].device)].bool().any(0) if bool(has.any()) else None
-            if union is not None and bool(union.any()):
-                rows.append(r)
-                unions.append(union)
+            masked = torch.as_tensor(np.flatnonzero(has)).to(t["masks"].device)
+            rows.append(r)
+            unions.append(t["masks"][masked].bool().any(0))
         if not rows:
             return {"loss_semantic_focal": _zero(sem), "loss_semantic_dice": _zero(sem)}
         pred = sem[torch.as_tensor(rows, device=sem.device), 0]
@@ -486,27 +512,30 @@ class Sam3Criterion(nn.Module):
         out: Mapping[str, Any],
         targets: list[dict[str, Tensor]],
         indices: MatchIndices,
-        aux_matcher: Callable[..., MatchIndices],
+        aux_indices: list[MatchIndices],
         num_boxes: Tensor,
         num_masks: Tensor,
+        has_mask: list[np.ndarray],
         *,
         presence: bool,
         scale: float = 1.0,
         suffix: str = "",
     ) -> dict[str, Tensor]:
         """Weighted terms of one query set: the final layer's (box, ce, presence, masks; key + ``suffix``) and,
-        with ``aux_loss``, every aux layer's box/ce/presence terms (``_aux{i}`` + ``suffix``, ``aux_matcher``)."""
+        with ``aux_loss``, every aux layer's box/ce/presence terms (``_aux{i}`` + ``suffix``, ``aux_indices[i]``)."""
         raw = self._layer_terms(out, targets, indices, num_boxes, presence=presence)
         if self._wants("loss_mask", "loss_dice") and out.get("pred_masks") is not None:
-            raw.update(self.loss_masks(out, targets, indices, num_masks))
+            raw.update(self.loss_masks(out, targets, indices, num_masks, has_mask))
         weighted = {f"{k}{suffix}": v * self.weight_dict[k] * scale for k, v in raw.items() if self.weight_dict[k] != 0}
-        if self.aux_loss:
-            for i, aux in enumerate(out.get("aux_outputs") or []):
-                aux_indices = aux_matcher(aux["pred_logits"], aux["pred_boxes"], targets)
-                for k, v in self._layer_terms(aux, targets, aux_indices, num_boxes, presence=presence).items():
-                    if self.weight_dict[k] != 0:
-                        weighted[f"{k}_aux{i}{suffix}"] = v * self.weight_dict[k] * scale
+        for i, (aux, aux_idx) in enumerate(zip(self._aux_layers(out), aux_indices, strict=True)):
+            for k, v in self._layer_terms(aux, targets, aux_idx, num_boxes, presence=presence).items():
+                if self.weight_dict[k] != 0:
+                    weighted[f"{k}_aux{i}{suffix}"] = v * self.weight_dict[k] * scale
         return weighted
+
+    def _aux_layers(self, out: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The aux layers of a query set that get terms: all of ``aux_outputs`` with ``aux_loss``, else none."""
+        return list(out.get("aux_outputs") or []) if self.aux_loss else []
 
     def forward(
         self,
@@ -515,6 +544,10 @@ class Sam3Criterion(nn.Module):
         indices: MatchIndices | None = None,
     ) -> dict[str, Tensor]:
         """Compute every enabled term.
+
+        All matchings of the step (final and aux layers of both query sets) and the host-side bookkeeping (which
+        instances have masks, which rows have a non-empty mask union) travel to the host in ONE copy
+        (``match_layers``); nothing else in here waits for the device (``tests/test_syncs.py`` counts).
 
         Args:
             outputs: model outputs (module docstring); ``aux_outputs`` is optional; ``o2m`` (a dict with
@@ -529,30 +562,48 @@ class Sam3Criterion(nn.Module):
         """
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for {outputs['pred_logits'].shape[0]} rows")
-        if indices is None:
-            indices = self.match(outputs, targets)
+        o2m_out = outputs.get("o2m") if self.o2m is not None else None
+        semantic = self._wants("loss_semantic_focal", "loss_semantic_dice") and outputs.get("semantic_seg") is not None
+
+        # every matching and flag of the step, one device->host copy
+        sets: list[tuple[Matcher, Matcher, Mapping[str, Any]]] = [(self.matcher, self.matcher, outputs)]
+        if o2m_out is not None:
+            aux_matcher = self.o2m.matcher if self.o2m.matcher_on_aux else self.matcher
+            sets.append((self.o2m.matcher, aux_matcher, o2m_out))
+        layers: list[tuple[Matcher, Tensor, Tensor]] = []
+        for k, (final_matcher, aux_matcher, out) in enumerate(sets):
+            if k > 0 or indices is None:
+                layers.append((final_matcher, out["pred_logits"], out["pred_boxes"]))
+            layers += [(aux_matcher, aux["pred_logits"], aux["pred_boxes"]) for aux in self._aux_layers(out)]
+        extras = [self.has_mask_flags(targets)] + ([self.semantic_flags(targets)] if semantic else [])
+        host = match_layers(layers, targets, extras)
+        matched, host_extras = iter(host[: len(layers)]), host[len(layers) :]
+        has_mask = self._split_rows(host_extras[0], targets)
+        per_set = []
+        for k, (_, _, out) in enumerate(sets):
+            final = next(matched) if k > 0 or indices is None else indices
+            per_set.append((final, [next(matched) for _ in self._aux_layers(out)]))
+
         device = outputs["pred_logits"].device
-        num_boxes, num_masks = self.num_instances(targets, device)
+        num_boxes, num_masks = self.num_instances(targets, device, has_mask)
         if self.mask_normalization == "boxes":
             num_masks = num_boxes
 
-        weighted = self._query_set_terms(outputs, targets, indices, self.matcher, num_boxes, num_masks, presence=True)
-        if (
-            self._wants("loss_semantic_focal", "loss_semantic_dice")
-            and outputs.get("semantic_seg") is not None
-        ):
-            semantic = self.loss_semantic(outputs, targets)
-            weighted.update({k: v * self.weight_dict[k] for k, v in semantic.items() if self.weight_dict[k] != 0})
+        indices, aux_indices = per_set[0]
+        weighted = self._query_set_terms(
+            outputs, targets, indices, aux_indices, num_boxes, num_masks, has_mask, presence=True
+        )
+        if semantic:
+            terms = self.loss_semantic(outputs, targets, has_mask, host_extras[1].astype(bool))
+            weighted.update({k: v * self.weight_dict[k] for k, v in terms.items() if self.weight_dict[k] != 0})
         for name, fn in self.extra_terms.items():
             if self.weight_dict[name] != 0:
                 weighted[name] = fn(outputs, targets, indices) * self.weight_dict[name]
-        o2m_out = outputs.get("o2m")
-        if self.o2m is not None and o2m_out is not None:
+        if o2m_out is not None:
             # DAC queries: final layer matched one-to-many, aux layers as o2m.matcher_on_aux says; no presence
-            o2m_indices = self.o2m.matcher(o2m_out["pred_logits"], o2m_out["pred_boxes"], targets)
-            aux_matcher = self.o2m.matcher if self.o2m.matcher_on_aux else self.matcher
+            o2m_indices, o2m_aux_indices = per_set[1]
             weighted.update(self._query_set_terms(
-                o2m_out, targets, o2m_indices, aux_matcher, num_boxes, num_masks,
+                o2m_out, targets, o2m_indices, o2m_aux_indices, num_boxes, num_masks, has_mask,
                 presence=False, scale=self.o2m.weight, suffix="_o2m",
             ))
 

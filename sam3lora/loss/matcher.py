@@ -6,6 +6,9 @@ Follows DETR's ``HungarianMatcher`` and SAM 3's ``BinaryHungarianMatcherV2(focal
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -65,10 +68,45 @@ class HungarianMatcher(nn.Module):
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
     @torch.no_grad()
-    def forward(
-        self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
-    ) -> MatchIndices:
-        """Match queries to targets row by row.
+    def prepare(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        """The device half of the matching: the positive rows' cost matrices, flattened.
+
+        Args as ``forward``. Returns a flat float32 tensor on ``pred_logits``' device: for each positive row r (in
+        order) its (Q, n_r) cost matrix, row-major (non-finite costs replaced). ``assign`` reads it on the host.
+        """
+        num_rows, num_queries = pred_logits.shape
+        if len(targets) != num_rows:
+            raise ValueError(f"{len(targets)} targets for {num_rows} rows")
+        pos_rows = [r for r, t in enumerate(targets) if len(t["boxes"]) > 0]
+        if not pos_rows:
+            return pred_logits.new_empty(0, dtype=torch.float32)
+        # one batched cost computation over positive rows (each row's queries against all targets), cut per row
+        rows = torch.as_tensor(pos_rows, device=pred_logits.device)
+        tgt = torch.cat([targets[r]["boxes"] for r in pos_rows]).to(pred_boxes.device)
+        cost = self.cost_matrix(pred_logits[rows].flatten(), pred_boxes[rows].flatten(0, 1), tgt)
+        cost = torch.nan_to_num(cost, nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
+        per_row = cost.view(len(pos_rows), num_queries, -1).split([len(targets[r]["boxes"]) for r in pos_rows], -1)
+        return torch.cat([c[i].flatten() for i, c in enumerate(per_row)])  # row i against its own targets
+
+    @staticmethod
+    def assign(prepared: np.ndarray, num_queries: int, targets: list[dict[str, Tensor]]) -> MatchIndices:
+        """The host half: scipy's ``linear_sum_assignment`` on each row of ``prepare``'s output (a NumPy array)."""
+        empty = torch.empty(0, dtype=torch.int64)
+        indices: MatchIndices = []
+        start = 0
+        for t in targets:
+            n = len(t["boxes"])
+            if n == 0:
+                indices.append((empty, empty))
+                continue
+            cost = prepared[start : start + num_queries * n].reshape(num_queries, n)
+            start += num_queries * n
+            q, j = linear_sum_assignment(cost)
+            indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
+        return indices
+
+    def forward(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> MatchIndices:
+        """Match queries to targets row by row (one device->host copy; ``match_layers`` shares it among layers).
 
         Args:
             pred_logits: (R, Q) query logits.
@@ -78,28 +116,7 @@ class HungarianMatcher(nn.Module):
             R tuples ``(query_idx, target_idx)`` of int64 CPU tensors, query_idx ascending, each of length
             ``min(Q, n)`` (empty for negatives).
         """
-        num_rows, num_queries = pred_logits.shape
-        if len(targets) != num_rows:
-            raise ValueError(f"{len(targets)} targets for {num_rows} rows")
-        sizes = [len(t["boxes"]) for t in targets]
-        empty = torch.empty(0, dtype=torch.int64)
-        indices: MatchIndices = [(empty, empty) for _ in range(num_rows)]
-        pos_rows = [r for r, n in enumerate(sizes) if n > 0]
-        if not pos_rows:
-            return indices
-        # One batched cost computation over positive rows, a single device->host copy, then split per row.
-        rows = torch.as_tensor(pos_rows, device=pred_logits.device)
-        tgt = torch.cat([targets[r]["boxes"] for r in pos_rows]).to(pred_boxes.device)
-        cost = self.cost_matrix(pred_logits[rows].flatten(), pred_boxes[rows].flatten(0, 1), tgt)
-        cost = torch.nan_to_num(cost, nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
-        cost = cost.view(len(pos_rows), num_queries, -1).cpu()
-        start = 0
-        for i, r in enumerate(pos_rows):
-            c = cost[i, :, start : start + sizes[r]]
-            start += sizes[r]
-            q, t = linear_sum_assignment(c.numpy())
-            indices[r] = (torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64))
-        return indices
+        return match_layers([(self, pred_logits, pred_boxes)], targets)[0]
 
 
 class OneToManyMatcher(nn.Module):
@@ -123,19 +140,15 @@ class OneToManyMatcher(nn.Module):
         self.topk = int(topk)
 
     @torch.no_grad()
-    def forward(
-        self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
-    ) -> MatchIndices:
-        """Args as ``HungarianMatcher.forward``. Returns R tuples ``(query_idx, target_idx)`` (int64, CPU),
-        ordered by query then target; lengths vary (0 for negatives and for targets no query reaches)."""
+    def prepare(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> Tensor:
+        """The device half: the (R, Q, T) assignment matrix as a flat float32 0/1 tensor (T = the most targets
+        of a row; padding columns are 0). Args as ``HungarianMatcher.forward``."""
         num_rows, num_queries = pred_logits.shape
         if len(targets) != num_rows:
             raise ValueError(f"{len(targets)} targets for {num_rows} rows")
-        empty = torch.empty(0, dtype=torch.int64)
-        indices: MatchIndices = [(empty, empty) for _ in range(num_rows)]
         sizes = [len(t["boxes"]) for t in targets]
         if not any(sizes):
-            return indices
+            return pred_logits.new_empty(0, dtype=torch.float32)
         # pad the targets to (R, T, 4) so that every row is one batched computation; padding columns are dropped
         boxes = torch.zeros(num_rows, max(sizes), 4, device=pred_boxes.device, dtype=torch.float32)
         for r, t in enumerate(targets):
@@ -145,9 +158,61 @@ class OneToManyMatcher(nn.Module):
         cutoff = torch.quantile(quality, 1 - self.topk / num_queries, dim=1, keepdim=True)
         counts = torch.tensor(sizes, device=boxes.device)
         valid = torch.arange(boxes.shape[1], device=boxes.device)[None] < counts[:, None]  # (R,T) real targets
-        matches = (quality > cutoff) & (quality > self.threshold) & valid[:, None, :]
-        rows, queries, tgts = (x.cpu() for x in matches.nonzero(as_tuple=True))  # row-major: by row, query, target
-        for r in rows.unique().tolist():
-            sel = rows == r
-            indices[r] = (queries[sel], tgts[sel])
+        return ((quality > cutoff) & (quality > self.threshold) & valid[:, None, :]).float().flatten()
+
+    @staticmethod
+    def assign(prepared: np.ndarray, num_queries: int, targets: list[dict[str, Tensor]]) -> MatchIndices:
+        """The host half: ``prepare``'s matrix (a NumPy array) -> per row (query_idx, target_idx), by query, target."""
+        empty = torch.empty(0, dtype=torch.int64)
+        sizes = [len(t["boxes"]) for t in targets]
+        if not any(sizes):
+            return [(empty, empty) for _ in targets]
+        matches = prepared.reshape(len(targets), num_queries, max(sizes))
+        indices: MatchIndices = []
+        for row in matches:
+            q, j = np.nonzero(row)  # row-major: by query, then target
+            indices.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)))
         return indices
+
+    def forward(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> MatchIndices:
+        """Args as ``HungarianMatcher.forward``. Returns R tuples ``(query_idx, target_idx)`` (int64, CPU),
+        ordered by query then target; lengths vary (0 for negatives and for targets no query reaches)."""
+        return match_layers([(self, pred_logits, pred_boxes)], targets)[0]
+
+
+Matcher = HungarianMatcher | OneToManyMatcher
+
+
+def match_layers(
+    layers: list[tuple[Matcher, Tensor, Tensor]],
+    targets: list[dict[str, Tensor]],
+    extras: list[Tensor] | None = None,
+) -> list[Any]:
+    """Match several decoder layers (and query sets) of one batch with ONE device->host copy.
+
+    Args:
+        layers: ``(matcher, pred_logits (R,Q), pred_boxes (R,Q,4) xyxy)`` per layer; every matcher's ``prepare``
+            runs on the device, the results travel to the host together, then each ``assign`` runs there.
+        targets: the R target dicts of the batch (shared by all layers).
+        extras: further device tensors the caller needs on the host (e.g. per-instance flags); they ride along in
+            the same copy, as float32.
+    Returns:
+        One ``MatchIndices`` per layer, in order, followed by each of ``extras`` as a float32 NumPy array of its
+        shape.
+    """
+    extras = extras or []
+    prepared = [matcher.prepare(logits, boxes, targets) for matcher, logits, boxes in layers]
+    parts = prepared + [e.detach().float().flatten() for e in extras]
+    if not parts:
+        return []
+    device = parts[0].device
+    host = torch.cat([p.to(device) for p in parts]).cpu().numpy() if sum(p.numel() for p in parts) else np.empty(0)
+    results: list[Any] = []
+    start = 0
+    for (matcher, logits, _), part in zip(layers, prepared, strict=True):
+        results.append(matcher.assign(host[start : start + part.numel()], logits.shape[1], targets))
+        start += part.numel()
+    for extra in extras:
+        results.append(host[start : start + extra.numel()].reshape(extra.shape))
+        start += extra.numel()
+    return results
