@@ -34,6 +34,7 @@ from sam3lora.data.batch import Sam3Batch
 from sam3lora.lora import component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
 from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
+from sam3lora.model.host_shapes import keep_spatial_shapes_on_host
 from sam3lora.perf import (
     CHECKPOINTABLE,
     PerfSettings,
@@ -127,6 +128,7 @@ class Sam3LoRAModule(L.LightningModule):
         # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
         base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
+        keep_spatial_shapes_on_host(base)  # no .item() per decoder layer (sam3lora.model.host_shapes)
         self._dac_ready = False
         if self.use_dac:
             self._prepare_dac()  # a model that cannot run the DAC queries fails at build time
