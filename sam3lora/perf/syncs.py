@@ -2,12 +2,12 @@
 
 On a GPU the host waits for the device whenever it needs a value the device computes: a tensor's value read into
 Python (``.item()``, ``bool(t)``, ``int(t)``: ``aten._local_scalar_dense``), an output whose size depends on the
-data (``nonzero``, boolean-mask indexing, ``unique``, ``masked_select``) and every copy to the host (``.cpu()``,
-``.tolist()``). :class:`SyncCounter` counts these operations while it is active, whatever the
-device, so that a test on the CPU guards the number a GPU step would pay. On the CPU every tensor is a host
-tensor, so the count is an upper bound: a ``.cpu()`` of a tensor that is on the CPU anyway counts too. Copies
-to the host are counted as ``.cpu()`` and ``.tolist()`` only: on the CPU ``.to("cpu")`` cannot be told from the
-free ``.to(t.device)``, so code that means a device->host copy says ``.cpu()``.
+data (``nonzero``, boolean-mask indexing (counted as ``nonzero``), ``unique``, ``masked_select``) and every copy
+to the host (``.cpu()``, ``.tolist()``). :class:`SyncCounter` counts these operations while it is active, whatever
+the device, so that a test on the CPU guards the number a GPU step would pay. On the CPU every tensor is a host
+tensor, so the count is an upper bound: a ``.cpu()`` of a tensor that is on the CPU anyway counts too. Copies to
+the host are counted as ``.cpu()`` and ``.tolist()`` only: on the CPU ``.to("cpu")`` cannot be told from the free
+``.to(t.device)``, so code that means a device->host copy says ``.cpu()``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import traceback
 from collections import Counter
 from typing import Any
 
+import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,8 +24,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SYNC_OPS = frozenset(
     {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select"}
 )
+#: aten operators that take a list of indices: a boolean index among them has a data-dependent size
+MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 #: Tensor methods that copy to the host (not seen by the dispatcher on the CPU, where they are no-ops).
 HOST_COPIES = frozenset({"cpu", "tolist"})
+
+
+def _has_bool_index(args: tuple) -> bool:
+    """Whether an ``aten.index``-like call (``args[1]``: a list of optional index tensors) has a boolean index."""
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
 def _caller() -> str:
@@ -44,6 +53,8 @@ class _DispatchCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
             self.owner.record(name)
+        elif name in MASK_INDEXING and _has_bool_index(args):
+            self.owner.record("nonzero")  # a boolean mask index becomes nonzero inside the operator
         return func(*args, **(kwargs or {}))
 
 

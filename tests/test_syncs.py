@@ -1,0 +1,75 @@
+"""Host-device synchronisations of a training step, counted on the CPU (``sam3lora.perf.syncs.SyncCounter``).
+
+Before issue #14 a step of the tiny model (2 images x 3 prompts, 3 decoder layers, DAC on) made 56 synchronising
+calls: a ``.cpu()`` per matched layer and per mask bookkeeping, 12 ``.item()`` in the DETR decoder's coordinate
+grid, ``bool()``/``int()`` reads in the mask terms. Now the criterion makes one copy for all of it and the decoder
+none; what is left are transformers' attention-mask builders (``padding_mask.all()``, one per mask built).
+"""
+
+from __future__ import annotations
+
+import torch
+from test_perf import batch_for, build_module, loss_and_grads
+
+from sam3lora.loss.matcher import HungarianMatcher, OneToManyMatcher, match_layers
+from sam3lora.perf.syncs import SyncCounter
+
+#: transformers' mask builders: CLIP's causal mask (2 reads) and 5 bidirectional masks with padding
+TRANSFORMERS_MASK_READS = 7
+STEP_LIMIT = TRANSFORMERS_MASK_READS + 1  # + the criterion's one copy
+
+
+def test_the_counter_sees_each_kind_of_synchronisation() -> None:
+    x = torch.tensor([0.0, 2.0, 0.0])
+    with SyncCounter() as counter:
+        x.sum().item()
+        bool(x.any())
+        x.nonzero()
+        x[x > 0]  # boolean-mask indexing: a data-dependent size
+        x.cpu()
+        x.tolist()
+        x + 1  # not a synchronisation
+    assert counter.by_op["_local_scalar_dense"] == 2
+    assert counter.by_op["nonzero"] == 2
+    assert counter.by_op["cpu"] == 1 and counter.by_op["tolist"] == 1
+    assert counter.total == 6
+
+
+def test_a_training_step_synchronises_once_in_our_code() -> None:
+    module = build_module("lora=balanced")
+    batch = batch_for(module)
+    loss_and_grads(module, batch)  # first step: lazy initialisation out of the count
+    with SyncCounter() as counter:
+        loss, _ = loss_and_grads(module, batch)
+    assert torch.isfinite(loss)
+    ours = {site: n for site, n in counter.by_site.items() if "masking_utils.py" not in site}
+    assert ours == {next(iter(ours)): 1} and next(iter(ours)).startswith("cpu "), counter.by_site
+    assert counter.total <= STEP_LIMIT, counter.by_site
+
+
+def test_one_copy_for_all_layers_gives_each_matchers_own_result() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows, queries = 4, 12
+    targets = [{"boxes": _boxes(n, gen)} for n in (2, 0, 3, 1)]
+    hungarian = HungarianMatcher(cost_bbox=5.0, cost_class=2.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0)
+    o2m = OneToManyMatcher(alpha=0.3, threshold=0.1, topk=4)
+    layers = [
+        (matcher, torch.randn(rows, queries, generator=gen), _boxes(rows * queries, gen).view(rows, queries, 4))
+        for matcher in (hungarian, hungarian, o2m)
+    ]
+    flags = torch.tensor([True, False, True])
+    with SyncCounter() as counter:
+        *together, host_flags = match_layers(layers, targets, [flags])
+    assert counter.total == 1
+    assert host_flags.tolist() == [1.0, 0.0, 1.0]
+    assert sum(len(q) for q, _ in together[2]) > 0  # the one-to-many layer matched something
+    for (matcher, logits, boxes), got in zip(layers, together, strict=True):
+        alone = matcher(logits, boxes, targets)
+        for (q, t), (q_ref, t_ref) in zip(got, alone, strict=True):
+            assert torch.equal(q, q_ref) and torch.equal(t, t_ref)
+
+
+def _boxes(n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 4) valid normalised xyxy boxes."""
+    xy = torch.rand(n, 2, generator=gen) * 0.6
+    return torch.cat([xy, xy + 0.05 + torch.rand(n, 2, generator=gen) * 0.3], dim=1)
