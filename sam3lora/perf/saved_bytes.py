@@ -20,6 +20,13 @@ Counting rules:
   inputs (the recomputation replays them), which are counted when the block is called (forward pre-hooks on the
   modules that checkpoint), under the block's component.
 
+Copies (``find_copies=True``): a saved tensor whose values equal a frozen parameter cast to another dtype
+(autocast's per-step copies of base weights) counts under ``copies["weight_casts"]``; one whose values equal an
+earlier saved tensor of the same shape and dtype in another storage (the same activation saved twice, e.g. cast
+twice, or computed twice) under ``copies["duplicates"]``. Constant tensors (all values equal, e.g. masks of
+ones, zero-initialised LoRA B) are not compared: their equality is a coincidence. Casts of the float32 LoRA
+weights are not copies (autocast makes one per step, r x d each). Both are included in ``by_component`` too.
+
 The numbers are what the graph holds at the end of the forward (and the loss), i.e. the activation part of the
 peak memory of a training step; gradients, optimiser state and temporaries freed during the forward are not in it.
 """
@@ -84,6 +91,7 @@ class SavedBytesReport:
     rows: int = 1
     tensors: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    copies: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -99,7 +107,7 @@ class SavedBytesReport:
         return {
             "images": self.images, "rows": self.rows, "tensors": self.tensors, "total_bytes": self.total,
             "bytes": dict(self.by_component), "checkpoint_input_bytes": dict(self.checkpoint_inputs),
-            "bytes_per_image": self.per_image(), **self.meta,
+            "bytes_per_image": self.per_image(), "copy_bytes": dict(self.copies), **self.meta,
         }
 
 
@@ -121,6 +129,8 @@ class SavedBytes:
         components: subset of ``COMPONENTS`` to attribute (the others count as ``other``).
         groups: instead of ``components``: name -> module paths of the base model, e.g. one group per ViT layer.
             Where groups nest, the later one wins (list ``vision_encoder`` before its layers).
+        find_copies: also report saved weight casts and duplicated activations (``SavedBytesReport.copies``;
+            compares values, so meant for small models and tests).
     """
 
     def __init__(
@@ -128,8 +138,10 @@ class SavedBytes:
         model: nn.Module,
         components: Sequence[str] = COMPONENTS,
         groups: Mapping[str, Sequence[str]] | None = None,
+        find_copies: bool = False,
     ) -> None:
         self.model = model
+        self.find_copies = find_copies
         base = unwrap_base(model)
         self._stack: list[str] = []
         self._records: list[_Saved] = []
@@ -228,7 +240,45 @@ class SavedBytes:
                 ckpt[component] = ckpt.get(component, 0) + nbytes
         order = [*self.groups, OTHER, LOSS]
         ordered = {k: by_component[k] for k in sorted(by_component, key=lambda k: (order + [k]).index(k))}
-        return SavedBytesReport(ordered, ckpt, images=images, rows=rows, tensors=len(owner), meta=dict(meta))
+        copies = self._copies() if self.find_copies else {}
+        return SavedBytesReport(ordered, ckpt, images=images, rows=rows, tensors=len(owner), meta=dict(meta),
+                                copies=copies)
+
+    def _copies(self) -> dict[str, int]:
+        """Bytes of saved weight casts and of saved duplicates of other saved tensors (see the module doc)."""
+        alive: dict[int, Tensor] = {}
+        for rec in self._records:
+            tensor = rec.ref() if rec.ref is not None else None
+            if tensor is not None and tensor.is_floating_point() and rec.storage not in alive:
+                alive[rec.storage] = tensor
+        params: dict[tuple[int, ...], list[Tensor]] = {}
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                params.setdefault(tuple(param.shape), []).append(param.detach())
+
+        def is_weight_cast(t: Tensor) -> bool:
+            for view in (t, t.mT) if t.ndim == 2 else (t,):  # a matmul saves the transposed weight
+                for param in params.get(tuple(view.shape), []):
+                    if param.dtype != view.dtype and torch.equal(param.to(view.dtype), view):
+                        return True
+            return False
+
+        copies = {"weight_casts": 0, "duplicates": 0}
+        seen: dict[tuple[Any, ...], list[Tensor]] = {}
+        with torch.no_grad():
+            for tensor in alive.values():
+                nbytes = tensor.untyped_storage().nbytes()
+                if tensor.numel() < 2 or bool(tensor.min() == tensor.max()):
+                    continue
+                if is_weight_cast(tensor):
+                    copies["weight_casts"] += nbytes
+                    continue
+                same = seen.setdefault((tuple(tensor.shape), tensor.dtype), [])
+                if any(torch.equal(tensor, other) for other in same):
+                    copies["duplicates"] += nbytes
+                else:
+                    same.append(tensor)
+        return copies
 
     def remove(self) -> None:
         """Remove every hook from the model."""

@@ -1,0 +1,216 @@
+"""``module.perf.activation_checkpointing: auto``: the cheapest set of checkpointed components that fits.
+
+The estimate comes from a measured table, not a guess: ``memory_table.json`` (next to this file) holds, per LoRA
+preset, the bytes autograd saves for backward per image and component with checkpointing off and on
+(``sam3lora.perf.saved_bytes``), and each component's forward FLOPs per image (what checkpointing it costs: one
+more forward in backward). ``scripts/benchmark.py memory ... --memory-table PATH`` writes it from a run with
+``--activation-checkpointing off,all``.
+
+Scaling to another batch: the vision encoder's bytes scale with images x (S / S0)^2, the text encoder's with
+rows, everything else (per-row heads, glue, loss) with rows x (S / S0)^2; bytes scale with the compute dtype's
+size against the table's. The peak of a step is larger than what it saves (temporaries, gradients of the
+activations): the activations are multiplied by ``PEAK_FACTOR``, calibrated on the H200 (``docs/performance.md``:
+step memory / saved bytes was 1.19 with checkpointing off and 1.31 with the encoders checkpointed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sam3lora.errors import Sam3LoRAError
+from sam3lora.perf.checkpointing import CHECKPOINTABLE
+
+TABLE = Path(__file__).with_name("memory_table.json")
+#: step memory / saved-for-backward bytes (H200, 1008 px, bf16, balanced: 1.19 off, 1.31 encoders checkpointed)
+PEAK_FACTOR = 1.35
+#: share of the free memory kept in reserve (allocator fragmentation, CUDA context growth)
+RESERVE = 0.1
+#: bytes of optimiser-side state per trainable parameter: float32 gradient + AdamW's two moments
+TRAINABLE_STATE_BYTES = 12
+
+
+class MemoryPlanError(Sam3LoRAError):
+    """The memory table is missing, malformed, or has no row for the model's preset."""
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """Saved bytes per image at ``image_size`` px, ``prompts`` rows per image, ``dtype`` compute, per preset.
+
+    ``presets[preset]`` = ``{"plain": {part: bytes}, "checkpointed": {part: bytes}, "forward_flops": {part: flops}}``
+    where ``part`` is a component of ``CHECKPOINTABLE``, ``other`` or ``loss``.
+    """
+
+    image_size: int
+    prompts: int
+    dtype: str
+    presets: dict[str, dict[str, dict[str, float]]]
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path = TABLE) -> MemoryTable:
+        try:
+            data = json.loads(Path(path).read_text())
+            table = cls(int(data["image_size"]), int(data["prompts"]), str(data["dtype"]), dict(data["presets"]),
+                        str(data.get("source", "")))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MemoryPlanError(f"{path}: not a memory table ({err})") from None
+        for preset, row in table.presets.items():
+            missing = {"plain", "checkpointed", "forward_flops"} - set(row)
+            if missing:
+                raise MemoryPlanError(f"{path}: preset {preset!r} lacks {sorted(missing)}")
+        return table
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "prompts": self.prompts, "dtype": self.dtype,
+                "source": self.source, "presets": self.presets}
+
+
+def preset_of(model: nn.Module) -> str:
+    """The table row for a model: ``full`` when the text encoder trains, ``balanced`` when the vision encoder does
+    (gradients flow through it), else ``minimal`` (the shipped presets; a custom one maps to the nearest)."""
+    trains = {name.split(".")[0] for name, p in _base_named_parameters(model) if p.requires_grad}
+    if "text_encoder" in trains:
+        return "full"
+    return "balanced" if "vision_encoder" in trains else "minimal"
+
+
+def _base_named_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    from sam3lora.lora import unwrap_base
+
+    return unwrap_base(model).named_parameters()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen components, the estimated step memory (bytes) and budget, and the recompute cost (FLOPs)."""
+
+    components: tuple[str, ...]
+    estimate: float
+    budget: float
+    cost_flops: float
+    fits: bool
+
+    def describe(self) -> str:
+        chosen = ", ".join(self.components) if self.components else "nothing"
+        verdict = "fits" if self.fits else "does NOT fit even with every component checkpointed"
+        return (f"activation_checkpointing auto: {chosen} (estimated {self.estimate / 1e9:.1f} GB of "
+                f"{self.budget / 1e9:.1f} GB: {verdict}; +{self.cost_flops / 1e12:.2f} TFLOP recomputed per step)")
+
+
+def estimate_bytes(table: MemoryTable, preset: str, components: Iterable[str], images: int, rows: int,
+                   image_size: int, dtype: torch.dtype) -> float:
+    """Saved-for-backward bytes of one step of ``images`` images / ``rows`` rows with ``components`` checkpointed."""
+    row = _row(table, preset)
+    chosen = set(components)
+    area = (image_size / table.image_size) ** 2
+    per_row = rows / (images * table.prompts)  # the table's rows per image is ``prompts``
+    width = torch.finfo(dtype).bits / torch.finfo(_dtype(table.dtype)).bits
+    total = 0.0
+    for part in {**row["plain"], **row["checkpointed"]}:
+        plain, ckpt = row["plain"].get(part, 0.0), row["checkpointed"].get(part, 0.0)
+        # glue and loss: the larger (a checkpointed mask decoder leaves the DAC product its embeddings)
+        saved = (ckpt if part in chosen else plain) if part in CHECKPOINTABLE else max(plain, ckpt)
+        if part == "vision_encoder":
+            scale = area
+        elif part == "text_encoder":
+            scale = per_row
+        else:
+            scale = per_row * area
+        total += saved * images * scale
+    return total * width
+
+
+def _dtype(name: str) -> torch.dtype:
+    from sam3lora.model.loading import DTYPES
+
+    return DTYPES[name]
+
+
+def _row(table: MemoryTable, preset: str) -> dict[str, dict[str, float]]:
+    if preset not in table.presets:
+        raise MemoryPlanError(f"memory table ({table.source or TABLE.name}) has no row for preset {preset!r}; "
+                              f"known: {sorted(table.presets)}")
+    return table.presets[preset]
+
+
+def choose(table: MemoryTable, preset: str, budget: float, images: int, rows: int, image_size: int,
+           dtype: torch.dtype, fixed: float = 0.0) -> Plan:
+    """The set of ``CHECKPOINTABLE`` components with the least recompute FLOPs whose estimated step memory
+    (``fixed`` + ``PEAK_FACTOR`` x saved bytes) fits ``budget``; every component when nothing fits."""
+    row = _row(table, preset)
+    flops = row["forward_flops"]
+    area = (image_size / table.image_size) ** 2
+    per_row = rows / (images * table.prompts)
+    # only components whose checkpointing saves something are worth a recompute
+    useful = [c for c in CHECKPOINTABLE if row["checkpointed"].get(c, 0.0) < row["plain"].get(c, 0.0)]
+
+    def plan(subset: tuple[str, ...]) -> Plan:
+        need = fixed + PEAK_FACTOR * estimate_bytes(table, preset, subset, images, rows, image_size, dtype)
+        cost = sum(flops.get(c, 0.0) * images * (area if c == "vision_encoder" else per_row * area) for c in subset)
+        return Plan(subset, need, budget, cost, need <= budget)
+
+    plans = [plan(s) for n in range(len(useful) + 1) for s in itertools.combinations(useful, n)]
+    best = min((p for p in plans if p.fits), key=lambda p: p.cost_flops, default=None)
+    if best is None:
+        best = plan(tuple(useful))
+    return best
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes free on ``device``: CUDA's ``mem_get_info``, else the host's available memory."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable caches, unlike SC_AVPHYS_PAGES
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def plan_for(model: nn.Module, images: int, rows: int, image_size: int, dtype: torch.dtype, device: torch.device,
+             budget_gb: float | None = None, table: MemoryTable | None = None) -> Plan:
+    """:func:`choose` for ``model`` on ``device``: its preset, ``budget_gb`` or the device's free memory less
+    ``RESERVE``, minus the trainable parameters' gradient and optimiser state (not allocated yet)."""
+    table = table or MemoryTable.load()
+    budget = budget_gb * 1e9 if budget_gb is not None else free_memory(device) * (1 - RESERVE)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return choose(table, preset_of(model), budget, images, rows, image_size, dtype,
+                  fixed=trainable * TRAINABLE_STATE_BYTES)
+
+
+def table_from_records(records: Iterable[dict[str, Any]], image_size: int, source: str) -> MemoryTable:
+    """A :class:`MemoryTable` from ``scripts/benchmark.py memory`` records (``--activation-checkpointing off,all``,
+    one image size, one prompt count); records of another compute dtype than the first one's are left out."""
+    presets: dict[str, dict[str, dict[str, float]]] = {}
+    shape: set[tuple[int, str]] = set()
+    first: str | None = None
+    for r in records:
+        ckpt = r["ckpt"]
+        if r.get("status") != "ok" or (ckpt is not False and list(ckpt) != list(CHECKPOINTABLE)):
+            continue
+        dtype = r["base_dtype"] if r["precision"] == "fp32" else "bfloat16"
+        first = first or dtype
+        if dtype != first:
+            continue
+        shape.add((int(r["prompts"]), dtype))
+        row = presets.setdefault(r["preset"], {"plain": {}, "checkpointed": {}, "forward_flops": {}})
+        row["plain" if ckpt is False else "checkpointed"] = {
+            k: v * 1e9 for k, v in r["saved_gb_per_image_by_component"].items()}
+        if r.get("forward_flops_per_image"):
+            row["forward_flops"] = dict(r["forward_flops_per_image"])
+    incomplete = [p for p, row in presets.items() if not (row["plain"] and row["checkpointed"])]
+    if len(shape) != 1 or incomplete or not presets:
+        raise MemoryPlanError("--memory-table needs one prompt count and compute dtype, and for every preset the "
+                              f"checkpointing off and all rows (got {sorted(shape)}, incomplete: {incomplete})")
+    (prompts, dtype), = shape
+    return MemoryTable(image_size, prompts, dtype, presets, source)
