@@ -15,9 +15,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Sam3Model
 
 import sam3lora.training.pretrain as pretrain
 from sam3lora.model import load_model
+from sam3lora.model.tiny import PRETRAINED_DIR, build_tiny, materialise_tiny, tiny_arch
 from sam3lora.training.pretrain import (
     BatchMaker,
     Pretrainer,
@@ -44,10 +47,10 @@ def train_set(cache: Path) -> TensorSet:
     return load_or_render(RenderSettings(6, 224, 3, CATEGORIES), cache)
 
 
-def make_trainer(data: TensorSet, settings: PretrainSettings) -> Pretrainer:
+def make_trainer(data: TensorSet, settings: PretrainSettings, variant: str = "tiny-fast") -> Pretrainer:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["loss.weight_dice=40", "module.metrics.ap_every_n_epochs=0"])
-    model, processor = load_model("tiny", seed=0)
+    model, processor = load_model(str(materialise_tiny(0, variant=variant)))
     model.requires_grad_(True).train()
     module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.loss))
     ip = processor.image_processor
@@ -156,4 +159,30 @@ def test_script_sessions_add_up(script: ModuleType, cache: Path, tmp_path: Path)
     assert [s["from_step"] for s in record["record"]["sessions"]] == [0, 1]
     assert [h["step"] for h in record["history"]] == [1, 2]
     assert (run / "best.safetensors").is_file() and (tmp_path / "preset" / "config.json").is_file()
+    assert record["record"]["variant"] == script.DEFAULT_VARIANT == "tiny-fast"
+    preset = Sam3Model.from_pretrained(tmp_path / "preset")
+    assert preset.config.vision_config.backbone_config.patch_size == tiny_arch("tiny-fast").patch
     assert load_state(run / "state.pt")["step"] == 2
+
+
+def test_fast_variant_is_ten_times_cheaper_and_the_shipped_base_still_loads() -> None:
+    # the shipped tiny-pretrained weights are the "tiny" variant: its config is unchanged
+    shipped = Sam3Model.from_pretrained(PRETRAINED_DIR)
+    model, _ = build_tiny(0, "tiny")
+    vit_keys = ("patch_size", "window_size", "global_attn_indexes", "image_size")
+    assert [getattr(shipped.config.vision_config.backbone_config, k) for k in vit_keys] == [
+        getattr(model.config.vision_config.backbone_config, k) for k in vit_keys]
+    assert {k: v.shape for k, v in shipped.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    fast, processor = build_tiny(0, "tiny-fast")
+    side = tiny_arch("tiny-fast").mask_side
+    assert processor.image_processor.mask_size == {"height": side, "width": side}
+    ids = processor.tokenizer(["red square"], padding="max_length", max_length=32, return_tensors="pt")
+    flops = {}
+    for name, m in (("tiny", model), ("tiny-fast", fast)):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            out = m(pixel_values=torch.zeros(1, 3, 224, 224), input_ids=ids.input_ids,
+                    attention_mask=ids.attention_mask)
+        flops[name] = counter.get_total_flops()
+        assert out.pred_masks.shape[-1] == tiny_arch(name).mask_side
+    assert flops["tiny-fast"] * 10 <= flops["tiny"], flops

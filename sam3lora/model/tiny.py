@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,62 +63,119 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=32)
 
 
-def tiny_config(vocab_size: int) -> Sam3Config:
-    """Sam3Config of the tiny preset: ViT 96 wide x 4 layers at 224 px, CLIP text 64 x 2, DETR 64 wide, 20 queries."""
-    width = 64
+@dataclass(frozen=True)
+class TinyArch:
+    """Sizes of a tiny variant (every other setting is the transformers default).
+
+    ``patch``: ViT patch size (tokens per side = ``TINY_IMAGE_SIZE / patch``); the FPN levels SAM 3 uses are 4x, 2x
+    and 1x that grid, and the masks are predicted at the 4x level (``mask_side``). ``width``: FPN, geometry, DETR
+    and mask-decoder width (one number: the model adds these features together).
+    """
+
+    vit_width: int = 96
+    vit_layers: int = 4
+    vit_mlp: int = 384
+    patch: int = 14
+    window: int = 8
+    global_attn: tuple[int, ...] = (1, 3)
+    width: int = 64
+    mlp: int = 128
+    detr_encoder_layers: int = 2
+    detr_decoder_layers: int = 3
+    queries: int = 20
+    text_width: int = 64
+    text_layers: int = 2
+
+    @property
+    def grid(self) -> int:
+        """ViT tokens per side."""
+        return TINY_IMAGE_SIZE // self.patch
+
+    @property
+    def mask_side(self) -> int:
+        """Side of the predicted masks (R,Q,mask_side,mask_side)."""
+        return 4 * self.grid
+
+
+#: The tiny variants. ``tiny``: ViT 96 x 4 at patch 14 (16 x 16 tokens), 64 wide heads, masks 64 x 64; the shipped
+#: ``tiny-pretrained`` of 2026-11 has it (7 GFLOP per training image pass). ``tiny-fast``: the CPU-pretraining
+#: variant of issue #12 (ViT 64 x 3 at patch 28: 8 x 8 tokens; 32 wide heads, masks 32 x 32; about 12x fewer
+#: FLOPs per pass, docs/training.md).
+TINY_VARIANTS: dict[str, TinyArch] = {
+    "tiny": TinyArch(),
+    "tiny-fast": TinyArch(vit_width=64, vit_layers=3, vit_mlp=256, patch=28, window=8, global_attn=(2,), width=32,
+                          mlp=128, detr_encoder_layers=2, detr_decoder_layers=3, queries=20),
+}
+
+
+def tiny_arch(variant: str) -> TinyArch:
+    """The sizes of ``variant`` (a key of ``TINY_VARIANTS``); anything else is a one-line error."""
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}: expected one of {sorted(TINY_VARIANTS)}")
+    return TINY_VARIANTS[variant]
+
+
+def tiny_config(vocab_size: int, variant: str = "tiny") -> Sam3Config:
+    """Sam3Config of a tiny variant (``TINY_VARIANTS``) at ``TINY_IMAGE_SIZE`` px."""
+    a = tiny_arch(variant)
+    g = a.grid
     return Sam3Config(
         vision_config=dict(
             backbone_config=dict(
                 model_type="sam3_vit_model",
-                hidden_size=96,
-                intermediate_size=384,
-                num_hidden_layers=4,
+                hidden_size=a.vit_width,
+                intermediate_size=a.vit_mlp,
+                num_hidden_layers=a.vit_layers,
                 num_attention_heads=4,
                 image_size=TINY_IMAGE_SIZE,
-                patch_size=14,
-                window_size=8,
-                global_attn_indexes=[1, 3],
+                patch_size=a.patch,
+                window_size=a.window,
+                global_attn_indexes=list(a.global_attn),
                 pretrain_image_size=TINY_IMAGE_SIZE,
             ),
-            fpn_hidden_size=width,
-            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=a.width,
+            backbone_feature_sizes=[[4 * g, 4 * g], [2 * g, 2 * g], [g, g]],
         ),
         text_config=dict(
             vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=256,
-            num_hidden_layers=2,
+            hidden_size=a.text_width,
+            intermediate_size=4 * a.text_width,
+            num_hidden_layers=a.text_layers,
             num_attention_heads=4,
             max_position_embeddings=32,
-            projection_dim=64,
+            projection_dim=a.text_width,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
         ),
-        geometry_encoder_config=dict(hidden_size=width, num_layers=1, num_attention_heads=4, intermediate_size=128),
-        detr_encoder_config=dict(hidden_size=width, num_layers=2, num_attention_heads=4, intermediate_size=128),
+        geometry_encoder_config=dict(hidden_size=a.width, num_layers=1, num_attention_heads=4,
+                                     intermediate_size=a.mlp),
+        detr_encoder_config=dict(hidden_size=a.width, num_layers=a.detr_encoder_layers, num_attention_heads=4,
+                                 intermediate_size=a.mlp),
         detr_decoder_config=dict(
-            hidden_size=width, num_layers=3, num_attention_heads=4, intermediate_size=128, num_queries=20
+            hidden_size=a.width, num_layers=a.detr_decoder_layers, num_attention_heads=4, intermediate_size=a.mlp,
+            num_queries=a.queries,
         ),
-        mask_decoder_config=dict(hidden_size=width, num_attention_heads=4),
+        mask_decoder_config=dict(hidden_size=a.width, num_attention_heads=4),
     )
 
 
-def tiny_processor() -> Sam3Processor:
-    """Sam3Processor for the tiny preset: SAM 3's image processing at 224 px and the tiny tokenizer."""
+def tiny_processor(variant: str = "tiny") -> Sam3Processor:
+    """Sam3Processor for a tiny variant: SAM 3's image processing at 224 px and the tiny tokenizer."""
+    side = tiny_arch(variant).mask_side
     image_processor = Sam3ImageProcessor(
         size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        mask_size={"height": TINY_IMAGE_SIZE * 2 // 7, "width": TINY_IMAGE_SIZE * 2 // 7},
+        mask_size={"height": side, "width": side},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
     return Sam3Processor(image_processor=image_processor, tokenizer=tiny_tokenizer())
 
 
-def build_tiny(seed: int = 0) -> tuple[Sam3Model, Sam3Processor]:
-    """Build the tiny model with weights drawn from ``seed`` (deterministic), plus its processor."""
-    processor = tiny_processor()
-    config = tiny_config(vocab_size=len(processor.tokenizer))
+def build_tiny(seed: int = 0, variant: str = "tiny") -> tuple[Sam3Model, Sam3Processor]:
+    """Build a tiny variant with weights drawn from ``seed`` (deterministic), plus its processor."""
+    processor = tiny_processor(variant)
+    config = tiny_config(vocab_size=len(processor.tokenizer), variant=variant)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -132,21 +190,21 @@ def sam3lora_home() -> Path:
     return Path(os.environ.get("SAM3LORA_HOME", Path.home() / ".cache" / "sam3lora")).expanduser()
 
 
-def materialise_tiny(seed: int = 0, root: Path | None = None) -> Path:
-    """Write the tiny preset as a transformers directory once and return its path.
+def materialise_tiny(seed: int = 0, root: Path | None = None, variant: str = "tiny") -> Path:
+    """Write a tiny variant as a transformers directory (``<variant>-seed<seed>``) once and return its path.
 
     The directory is written whole (temporary directory, then rename), so concurrent processes (DDP ranks,
     parallel tests) never see a half-written model.
     """
-    target = (root or sam3lora_home()) / f"tiny-seed{seed}"
+    target = (root or sam3lora_home()) / f"{variant}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    model, processor = build_tiny(seed)
+    model, processor = build_tiny(seed, variant)
     try:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            (tmp / "sam3lora_preset.json").write_text(json.dumps({"preset": "tiny", "seed": seed}, indent=2))
+            (tmp / "sam3lora_preset.json").write_text(json.dumps({"preset": variant, "seed": seed}, indent=2))
     except OSError:  # another process (a DDP rank, a parallel test) won the race; its copy is identical
         if not (target / "config.json").is_file():
             raise

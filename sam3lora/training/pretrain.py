@@ -15,8 +15,8 @@
   ``(seed, step)`` only, so a step is the same whether a run was interrupted or not.
 * :class:`Pretrainer`: a lean loop (no Lightning) around :class:`~sam3lora.training.module.Sam3LoRAModule`'s own
   forward and the configured criterion, AdamW + the project's schedule + gradient clipping, validation with the
-  module's own metric code, and a whole-or-nothing state file (weights, optimiser, schedule, step, RNG, best) that
-  a later session resumes exactly.
+  module's own metric code, and a whole-or-nothing state file (weights, optimiser, step, RNG, best; the schedule
+  follows from the step) that a later session resumes exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -358,9 +359,9 @@ class Pretrainer:
                                       negative_ratio=settings.negative_ratio, max_prompts=settings.max_prompts)
         self.presence_weight = module.criterion.weight_dict["loss_presence"]
         self.optimizer = torch.optim.AdamW(module.param_groups(), lr=settings.lr,
-                                           weight_decay=settings.weight_decay)
-        schedule = ScheduleSettings("cosine", settings.warmup_steps, settings.min_lr_ratio)
-        self.scheduler = schedule.build(self.optimizer, settings.steps)
+                                           weight_decay=settings.weight_decay, foreach=True)
+        self.schedule = ScheduleSettings("cosine", settings.warmup_steps, settings.min_lr_ratio)
+        self.scheduler = self.schedule.build(self.optimizer, settings.steps)
         self.step = 0
         self.images_seen = 0
         self.seconds = 0.0
@@ -446,7 +447,6 @@ class Pretrainer:
             "settings": asdict(self.settings),
             "model": {k: v.detach().cpu() for k, v in self.module.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "images_seen": self.images_seen,
             "seconds": self.seconds,
@@ -461,13 +461,27 @@ class Pretrainer:
         with atomic_file(path) as tmp:
             torch.save(self.state_dict(), tmp)
 
+    def _replay_schedule(self) -> None:
+        """Rebuild the scheduler at ``self.step`` by stepping a fresh one from the peak learning rates: the learning
+        rate is a function of (step, ``settings.steps``), so this restores it exactly, and a resumed run with a new
+        total follows the schedule of that total from here (a restored SequentialLR would keep the old milestones).
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        self.scheduler = self.schedule.build(self.optimizer, self.settings.steps)
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a run saved by :meth:`save` (a state's ``scheduler`` entry, if any, is not needed)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"pretraining state version {state.get('version')}, expected {STATE_VERSION}")
         self.module.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
+        self._replay_schedule()
         self.seconds = float(state["seconds"])
         self.best, self.history = dict(state["best"]), list(state["history"])
         self.meta = dict(state.get("meta", {}))
