@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -78,16 +78,20 @@ class ComponentLora:
             None means every layer. Not allowed for ``mask_decoder`` (it has no numbered layers).
     """
 
-    enabled: bool = False
-    rank: int | None = None
-    alpha: float | None = None
-    targets: list[str] | None = None
-    layers: list[int] | None = None
+    enabled: bool
+    rank: int | None
+    alpha: float | None
+    targets: list[str] | None
+    layers: list[int] | None
 
 
 @dataclass
 class LoraSettings:
     """Everything that decides which adapters SAM 3 gets (one preset = one instance).
+
+    The values live in ``conf/lora/*.yaml`` (``_base.yaml`` + one file per preset), the one place they are stated:
+    ``sam3lora.config.defaults("lora/balanced", rank=4)`` builds a preset with changes, ``defaults("lora/_base",
+    detr_decoder={"enabled": True})`` one of your own.
 
     Attributes:
         rank: LoRA rank r of every adapted Linear unless a component overrides it.
@@ -101,19 +105,19 @@ class LoraSettings:
         vision_encoder ... mask_decoder: one ``ComponentLora`` per component.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    variant: str = "lora"
-    init: bool | str = True
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
-    vision_encoder: ComponentLora = field(default_factory=ComponentLora)
-    text_encoder: ComponentLora = field(default_factory=ComponentLora)
-    geometry_encoder: ComponentLora = field(default_factory=ComponentLora)
-    detr_encoder: ComponentLora = field(default_factory=ComponentLora)
-    detr_decoder: ComponentLora = field(default_factory=ComponentLora)
-    mask_decoder: ComponentLora = field(default_factory=ComponentLora)
+    rank: int
+    alpha: float
+    dropout: float
+    variant: str
+    init: bool | str
+    targets: list[str]
+    modules_to_save: list[str]
+    vision_encoder: ComponentLora
+    text_encoder: ComponentLora
+    geometry_encoder: ComponentLora
+    detr_encoder: ComponentLora
+    detr_decoder: ComponentLora
+    mask_decoder: ComponentLora
 
     def __post_init__(self) -> None:
         for name in COMPONENTS:
@@ -123,6 +127,10 @@ class LoraSettings:
                 unknown = sorted(set(value) - known)
                 if unknown:
                     raise LoraTargetError(f"lora.{name}: unknown key(s) {unknown}; known: {sorted(known)}")
+                missing = sorted(known - set(value))
+                if missing:
+                    raise LoraTargetError(f"lora.{name}: missing key(s) {missing} (conf/lora/_base.yaml states them "
+                                          "all; build settings with sam3lora.config.defaults)")
                 setattr(self, name, ComponentLora(**dict(value)))
         self.targets = list(self.targets)
         self.modules_to_save = list(self.modules_to_save)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import itertools
 import json
@@ -343,13 +342,10 @@ class Models:
         return self.module
 
     def _build(self, preset: str, base_dtype: str) -> Any:
-        from hydra.utils import instantiate
-
+        from sam3lora.config import defaults
         from sam3lora.lora import apply_lora
         from sam3lora.model import load_model
         from sam3lora.perf.synthetic import random_sam3
-        from sam3lora.training.module import MetricSettings, Sam3LoRAModule
-        from sam3lora.training.schedule import ScheduleSettings
 
         args = self.args
         if args.model == "tiny":
@@ -357,12 +353,10 @@ class Models:
             model.to(self.device)
         else:
             model, _ = random_sam3(args.image_size, DTYPES[base_dtype], self.device, seed=args.seed)
-        lora = instantiate(OmegaConf.load(ROOT / "conf" / "lora" / f"{preset}.yaml"))
+        lora = defaults(f"lora/{preset}")
         torch.manual_seed(args.seed)
-        module = Sam3LoRAModule(
-            apply_lora(model, lora), self.criterion("full"), functools.partial(torch.optim.AdamW, lr=1e-5),
-            ScheduleSettings(), MetricSettings(), lora_settings=lora,
-        )
+        module = defaults("module/default", model=apply_lora(model, lora), criterion=self.criterion("full"),
+                          optimizer={"lr": 1e-5}, lora_settings=lora)
         return module.to(self.device)
 
 
@@ -392,6 +386,7 @@ def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp
         activation_checkpointing=config.get("ckpt", False),
         cache_vision_features=False if vision == "off" else vision,
         vision_cache_dir=str(tmp / "vision_cache") if vision == "disk" else None,
+        vision_cache_dtype=None,
         cache_text_features=bool(config.get("text_cache", False)),
     )
     try:
@@ -576,11 +571,12 @@ def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         data = OmegaConf.to_container(compose("train", overrides=["data=synthetic"]).data)
     transforms = data["train_transforms"] if config["transforms"] == "train" else data["val_transforms"]
+    shipped = {k: v for k, v in data.items() if not k.startswith("_")}
     datamodule = Sam3DataModule(
-        sam3_processor(args.image_size), root, args.image_size, prompt_mode=data["prompt_mode"],
-        negative_ratio=data["negative_ratio"], max_prompts_per_image=data["max_prompts_per_image"],
-        train_transforms=transforms, val_transforms=data["val_transforms"], batch_size=config["batch"],
-        num_workers=config["workers"], seed=args.seed,
+        sam3_processor(args.image_size), **shipped | dict(
+            root=root, image_size=args.image_size, reader=None, train_transforms=transforms, batch_size=config["batch"],
+            num_workers=config["workers"], pin_memory=False, persistent_workers=False, seed=args.seed, synthetic=None,
+        ),
     )
     datamodule.setup("fit")
     before = reset_peak(torch.device("cpu"))

@@ -11,16 +11,17 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from sam3lora.adapter import SIDECAR, AdapterMismatchError, load_adapter, save_adapter
-from sam3lora.lora import LoraSettings, apply_lora
+from sam3lora.config import defaults
+from sam3lora.lora import apply_lora
 from sam3lora.model import build_tiny, load_model
 
 
 def trained_adapter(tmp_path, variant="lora", modules_to_save=()):
     """A tiny adapter with non-zero weights (random B), saved to ``tmp_path/adapter``; returns (dir, outputs)."""
     model, processor = load_model("tiny")
-    settings = LoraSettings(
-        variant=variant, init=False, rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True},
-        modules_to_save=list(modules_to_save),
+    settings = defaults(
+        "lora/_base", variant=variant, init=False, rank=4, detr_decoder={"enabled": True},
+        mask_decoder={"enabled": True}, modules_to_save=list(modules_to_save),
     )
     torch.manual_seed(0)
     peft_model = apply_lora(model, settings)
@@ -98,7 +99,7 @@ def test_missing_files_are_named(tmp_path):
 
 def test_save_refuses_non_empty_dir_unless_overwrite(tmp_path):
     model, _ = load_model("tiny")
-    peft_model = apply_lora(model, LoraSettings(detr_decoder={"enabled": True}))
+    peft_model = apply_lora(model, defaults("lora/_base", detr_decoder={"enabled": True}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):

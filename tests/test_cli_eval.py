@@ -20,11 +20,12 @@ from rich.console import Console
 from torchvision.ops import box_convert
 
 from sam3lora.adapter import save_adapter
+from sam3lora.config import defaults
 from sam3lora.data.readers import CocoReader
 from sam3lora.data.synthetic import write_synthetic
 from sam3lora.inference import Sam3LoRAPredictor
 from sam3lora.inference.eval_app import run
-from sam3lora.lora import LoraSettings, apply_lora
+from sam3lora.lora import apply_lora
 from sam3lora.metrics import CgF1Accumulator, MatchedIoUDice
 from sam3lora.model import load_model
 
@@ -35,8 +36,8 @@ def make_adapter(path: Path) -> Path:
     """A random-B LoRA adapter for the tiny preset (its outputs differ from the base)."""
     model, _ = load_model("tiny")
     torch.manual_seed(1)
-    settings = LoraSettings(
-        init=False, rank=4, alpha=16, detr_decoder={"enabled": True}, mask_decoder={"enabled": True}
+    settings = defaults(
+        "lora/_base", init=False, rank=4, alpha=16, detr_decoder={"enabled": True}, mask_decoder={"enabled": True}
     )
     save_adapter(apply_lora(model, settings), path, settings)
     return path

@@ -1,4 +1,5 @@
-"""Tests for sam3lora.data.coco: json I/O errors, masks (polygon/RLE), whole-directory writes, normalise_coco."""
+"""COCO tools: json I/O errors (coco_json), masks (polygon/RLE, masks), whole-directory writes (output_dirs),
+normalise_coco (coco_convert)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3lora.data.coco import (
-    DataError,
-    DataWarning,
-    annotation_to_mask,
-    mask_to_polygons,
-    normalise_coco,
-    output_dir,
-    read_coco,
-)
+from sam3lora.data.coco_convert import normalise_coco
+from sam3lora.data.coco_json import read_coco
+from sam3lora.data.data_error import DataError, DataWarning
+from sam3lora.data.masks import annotation_to_mask, mask_to_polygons
+from sam3lora.data.output_dirs import output_dir
 from sam3lora.data.validate import DatasetProblems
 
 W, H = 64, 48

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam3lora.data.coco import DataError, annotation_to_mask
+from sam3lora.data.data_error import DataError
+from sam3lora.data.masks import annotation_to_mask
 from sam3lora.data.synthetic import COLOURS, DEFAULT_CATEGORIES, parse_categories, write_synthetic
 
 SIZE = 96

@@ -11,7 +11,8 @@ import yaml
 from matplotlib.path import Path as MplPath
 from PIL import Image
 
-from sam3lora.data.coco import DataError, annotation_to_mask
+from sam3lora.data.data_error import DataError
+from sam3lora.data.masks import annotation_to_mask
 from sam3lora.data.validate import DatasetProblems
 from sam3lora.data.yolo import yolo_to_coco
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.data.coco import DataError
+from sam3lora.data.data_error import DataError
 from sam3lora.data.datamodule import Sam3DataModule
 from sam3lora.data.readers import BadSampleError, DatasetReader, ImageRecord, Instance
 from sam3lora.data.synthetic import write_synthetic
@@ -63,6 +63,12 @@ def compose(name: str, data_dir: Path, **overrides):
     for key, value in overrides.items():
         OmegaConf.update(cfg, f"data.{key}", value, merge=False)
     return cfg
+
+
+def direct_dm(processor, data_dir: Path, name: str = "synthetic", **changes) -> Sam3DataModule:
+    """``Sam3DataModule`` called as a Python user would (no Hydra): the shipped config's arguments + ``changes``."""
+    shipped = OmegaConf.to_container(compose(name, data_dir).data, resolve=True)
+    return Sam3DataModule(processor, **{k: v for k, v in shipped.items() if not k.startswith("_")} | changes)
 
 
 def make_dm(processor, data_dir: Path, name: str = "synthetic", stage: str = "fit", **overrides) -> Sam3DataModule:
@@ -309,7 +315,7 @@ def test_custom_reader_via_target(processor, data_dir):
     assert dot["has_mask"].tolist() == [True] and bar["has_mask"].tolist() == [False]
     assert torch.allclose(bar["boxes"], torch.tensor([[5 / 80, 5 / 48, 15 / 80, 35 / 48]]), atol=1e-5)
     # a class (no Hydra) works too; something that is not a DatasetReader is refused clearly
-    direct = Sam3DataModule(processor, data_dir, S, reader=TinyReader)
+    direct = direct_dm(processor, data_dir, reader=TinyReader)
     direct.setup("validate")
     assert first(direct.val_dataloader()).prompts == ["dot", "bar", "dot", "bar"]
     with pytest.raises(TypeError, match="not a sam3lora.data.readers.DatasetReader"):
@@ -504,11 +510,11 @@ def test_batch_moves_to_a_device_and_pins_every_tensor(processor, data_dir, monk
 def test_synthetic_is_generated_into_root_once(processor, tmp_path):
     root = tmp_path / "synthetic"
     settings = {"train": 3, "val": 2, "size": 224, "seed": 0, "categories": None}
-    dm = Sam3DataModule(processor, root, 224, synthetic=settings)
+    dm = direct_dm(processor, tmp_path, root=root, synthetic=settings)
     dm.prepare_data()
     stamp = (root / "train" / "annotations.json").stat().st_mtime_ns
     assert len(list((root / "val" / "images").iterdir())) == 2
-    Sam3DataModule(processor, root, 224, synthetic=settings).prepare_data()  # reused, not rewritten
+    direct_dm(processor, tmp_path, root=root, synthetic=settings).prepare_data()  # reused, not rewritten
     assert (root / "train" / "annotations.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="exclusive"):
-        Sam3DataModule(processor, root, 224, synthetic=settings, yolo_src=str(tmp_path))
+        direct_dm(processor, tmp_path, root=root, synthetic=settings, yolo_src=str(tmp_path))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from sam3lora.adapter import save_adapter
 from sam3lora.cli import demo as demo_cli
+from sam3lora.config import defaults
 from sam3lora.demo.examples import synthetic_examples
 from sam3lora.demo.runs import base_of, newest_adapter, synthetic_categories_of
 from sam3lora.demo.service import (
@@ -26,7 +27,7 @@ from sam3lora.demo.service import (
     parse_prompts,
 )
 from sam3lora.inference import PromptError, Sam3LoRAPredictor
-from sam3lora.lora import LoraSettings, apply_lora
+from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -34,7 +35,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def save_random_adapter(path, seed: int = 1):
     """A random-B LoRA adapter for the tiny preset (seed 0) that visibly changes the outputs."""
-    settings = LoraSettings(init=False, rank=4, alpha=16, vision_encoder={"enabled": True},
+    settings = defaults("lora/_base", init=False, rank=4, alpha=16, vision_encoder={"enabled": True},
                             detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
     model, _ = load_model("tiny")
     torch.manual_seed(seed)

@@ -7,8 +7,9 @@ import torch
 from conftest import make_inputs
 from transformers import Sam3Model, Sam3Processor
 
+from sam3lora.config import defaults
 from sam3lora.export import export_merged
-from sam3lora.lora import LoraSettings, apply_lora
+from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 
 
@@ -16,9 +17,9 @@ from sam3lora.model import load_model
 def test_merge_export_round_trip_through_plain_transformers(tmp_path, variant):
     model, processor = load_model("tiny")
     torch.manual_seed(0)
-    settings = LoraSettings(
-        variant=variant, init=False, rank=4, vision_encoder={"enabled": True}, detr_decoder={"enabled": True},
-        mask_decoder={"enabled": True},
+    settings = defaults(
+        "lora/_base", variant=variant, init=False, rank=4, vision_encoder={"enabled": True},
+        detr_decoder={"enabled": True}, mask_decoder={"enabled": True},
     )
     peft_model = apply_lora(model, settings).eval()
     inputs = make_inputs(processor, boxes=True)
@@ -37,10 +38,10 @@ def test_merge_export_round_trip_through_plain_transformers(tmp_path, variant):
 
 def test_export_bf16_and_refuses_overwrite(tmp_path):
     model, processor = load_model("tiny")
-    peft_model = apply_lora(model, LoraSettings(detr_decoder={"enabled": True}))
+    peft_model = apply_lora(model, defaults("lora/_base", detr_decoder={"enabled": True}))
     out = export_merged(peft_model, processor, tmp_path / "m", dtype="bfloat16")
     loaded = Sam3Model.from_pretrained(out, dtype="auto")
     assert next(loaded.parameters()).dtype == torch.bfloat16
     model2, processor2 = load_model("tiny")
     with pytest.raises(FileExistsError):
-        export_merged(apply_lora(model2, LoraSettings(detr_decoder={"enabled": True})), processor2, out)
+        export_merged(apply_lora(model2, defaults("lora/_base", detr_decoder={"enabled": True})), processor2, out)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import make_inputs
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
+from sam3lora.config import defaults
 from sam3lora.lora import (
     COMPONENTS,
     LoraSettings,
@@ -20,13 +17,12 @@ from sam3lora.lora import (
     parameter_report,
 )
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "lora"
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj"}
 MLP = {"fc1", "fc2"}
 
 
 def preset(name: str) -> LoraSettings:
-    return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+    return defaults(f"lora/{name}")
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -84,7 +80,7 @@ def test_each_component_switch_alone(tiny, component):
     model, _ = tiny
     want = expected(model, {component: ATTN | MLP})
     all_projections = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
-    peft_model = apply_lora(model, LoraSettings(targets=all_projections, **{component: {"enabled": True}}))
+    peft_model = apply_lora(model, defaults("lora/_base", targets=all_projections, **{component: {"enabled": True}}))
     adapted = adapted_modules(peft_model)
     assert adapted and all(n.startswith(component + ".") for n in adapted)
     assert set(adapted) == want
@@ -92,7 +88,8 @@ def test_each_component_switch_alone(tiny, component):
 
 def test_layers_and_per_component_rank(tiny):
     model, _ = tiny
-    settings = LoraSettings(rank=8, vision_encoder={"enabled": True, "layers": [-1], "rank": 2, "targets": ["q_proj"]})
+    vision = {"enabled": True, "layers": [-1], "rank": 2, "targets": ["q_proj"]}
+    settings = defaults("lora/_base", rank=8, vision_encoder=vision)
     peft_model = apply_lora(model, settings)
     assert adapted_modules(peft_model) == ["vision_encoder.backbone.layers.3.attention.q_proj"]
     layer = peft_model.get_base_model().vision_encoder.backbone.layers[3].attention.q_proj
@@ -101,37 +98,37 @@ def test_layers_and_per_component_rank(tiny):
 
 def test_unknown_projection_is_an_error():
     with pytest.raises(LoraTargetError, match="unknown projection name.*qkv"):
-        LoraSettings(targets=["qkv"], detr_decoder={"enabled": True})
+        defaults("lora/_base", targets=["qkv"], detr_decoder={"enabled": True})
 
 
 def test_unknown_component_key_is_an_error():
     with pytest.raises(LoraTargetError, match="lora.detr_decoder: unknown key.*rnak"):
-        LoraSettings(detr_decoder={"enabled": True, "rnak": 4})
+        defaults("lora/_base", detr_decoder={"enabled": True, "rnak": 4})
 
 
 def test_component_matching_nothing_is_an_error_naming_it(tiny):
     model, _ = tiny
     model.geometry_encoder.layers = nn.ModuleList()  # a model variant without geometry layers
     with pytest.raises(LoraTargetError, match="lora.geometry_encoder is enabled but matches no Linear"):
-        apply_lora(model, LoraSettings(geometry_encoder={"enabled": True}))
+        apply_lora(model, defaults("lora/_base", geometry_encoder={"enabled": True}))
 
 
 def test_out_of_range_layer_is_an_error(tiny):
     model, _ = tiny
     with pytest.raises(LoraTargetError, match="index 9 out of range"):
-        apply_lora(model, LoraSettings(vision_encoder={"enabled": True, "layers": [9]}))
+        apply_lora(model, defaults("lora/_base", vision_encoder={"enabled": True, "layers": [9]}))
 
 
 def test_nothing_enabled_is_an_error():
     with pytest.raises(LoraTargetError, match="no component is enabled"):
-        LoraSettings()
+        defaults("lora/_base")
 
 
 def test_modules_to_save_train_in_full(tiny):
     model, _ = tiny
     with pytest.raises(LoraTargetError, match="no module named 'nope'"):
-        apply_lora(model, LoraSettings(detr_decoder={"enabled": True}, modules_to_save=["nope"]))
-    settings = LoraSettings(detr_decoder={"enabled": True}, modules_to_save=["dot_product_scoring"])
+        apply_lora(model, defaults("lora/_base", detr_decoder={"enabled": True}, modules_to_save=["nope"]))
+    settings = defaults("lora/_base", detr_decoder={"enabled": True}, modules_to_save=["dot_product_scoring"])
     peft_model = apply_lora(model, settings)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any("dot_product_scoring.modules_to_save" in n for n in trainable)
@@ -151,7 +148,8 @@ def test_lora_at_init_leaves_outputs_unchanged(tiny):
 @pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
 def test_variants_train_one_step_and_only_adapters_get_gradients(tiny, variant):
     model, processor = tiny
-    settings = LoraSettings(variant=variant, rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
+    settings = defaults("lora/_base", variant=variant, rank=4, detr_decoder={"enabled": True},
+                        mask_decoder={"enabled": True})
     peft_model = apply_lora(model, settings)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]

@@ -219,11 +219,12 @@ def test_merged_export_writes_the_same_card_and_its_snippet_reproduces_the_predi
 def test_card_without_a_run_and_for_a_hub_base(tmp_path: Path) -> None:
     """An adapter saved outside training says so (no placeholder); a hub base is named in ``base_model``."""
     from sam3lora.adapter import save_adapter
-    from sam3lora.lora import LoraSettings, apply_lora
+    from sam3lora.config import defaults
+    from sam3lora.lora import apply_lora
     from sam3lora.model_card import lora_facts, render
 
     model, _ = load_model("tiny")
-    settings = LoraSettings(rank=4, detr_decoder={"enabled": True}, modules_to_save=["dot_product_scoring"])
+    settings = defaults("lora/_base", rank=4, detr_decoder={"enabled": True}, modules_to_save=["dot_product_scoring"])
     peft_model = apply_lora(model, settings)
     card = (save_adapter(peft_model, tmp_path / "adapter", settings) / "README.md").read_text()
     no_machine_paths(card, "README.md")

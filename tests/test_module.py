@@ -9,7 +9,6 @@ slower than one (OpenMP threads wait for a busy core).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import warnings
 from pathlib import Path
@@ -22,10 +21,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from sam3lora.config import defaults
 from sam3lora.lora import apply_lora, component_of
 from sam3lora.model import load_model
-from sam3lora.training.module import MetricSettings, Sam3LoRAModule
-from sam3lora.training.schedule import ScheduleSettings
+from sam3lora.training.module import Sam3LoRAModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -64,8 +63,8 @@ def plain_module(cfg: DictConfig) -> Sam3LoRAModule:
     """A module around the bare ``Sam3Model`` (no PEFT), every parameter trainable: gradients everywhere."""
     model, _ = load_model(**cfg.model)
     model.requires_grad_(True)
-    optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
-    return Sam3LoRAModule(model, instantiate(cfg.loss), optimizer, ScheduleSettings(), MetricSettings())
+    return defaults("module/default", model=model, criterion=instantiate(cfg.loss), optimizer={"lr": 1e-4},
+                    scheduler={"name": "constant", "warmup_steps": 0})
 
 
 def repeated_image_outputs(model: nn.Module, batch) -> object:

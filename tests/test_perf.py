@@ -6,6 +6,7 @@ The module is built from the composed ``conf/train.yaml`` as the training app bu
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,13 +19,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from sam3lora.data.datamodule import Sam3DataModule
+from sam3lora.config import defaults
 from sam3lora.data.synthetic import write_synthetic
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.perf import (
     FeatureCacheError,
-    PerfSettings,
     VisionFeatureCache,
     check_deterministic,
 )
@@ -99,7 +99,7 @@ def test_cached_vision_features_give_the_same_loss_and_gradients_and_skip_the_en
     module = build_module("lora=minimal", "++lora.init=false")  # random B: adapters change the outputs
     batch = batch_for(module)
     plain_loss, plain_grads = loss_and_grads(module, batch)
-    module.configure_perf(PerfSettings(cache_vision_features="memory"))
+    module.configure_perf(defaults("module/default.perf", cache_vision_features="memory"))
     vision_calls = count_forwards(module.base_model.vision_encoder)
     fill_loss, _ = loss_and_grads(module, batch)  # first epoch: computed and stored
     assert len(vision_calls) == 1 and module.vision_cache.misses == batch.num_images
@@ -170,11 +170,11 @@ def test_vision_cache_is_refused_for_an_adapted_encoder_and_random_transforms(tm
     expected = r"random op\(s\) \['OneOf \(random choice\)', 'PadIfNeeded', 'HorizontalFlip', 'ColorJitter'\]"
     with pytest.raises(FeatureCacheError, match=expected):
         check_deterministic(random)
-    fixed = Sam3DataModule(processor, tmp_path, 224, train_transforms={"resize": "letterbox"})
-    check_deterministic(fixed)  # resize only: accepted
-    never = Sam3DataModule(processor, tmp_path, 224, train_transforms={
-        "resize": "stretch", "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.0}]})
-    check_deterministic(never)  # p = 0 never fires
+    cfg.data.train_transforms = {"resize": "letterbox"}  # assigned whole (instantiate's kwargs would merge)
+    check_deterministic(instantiate(cfg.data, processor=processor))  # resize only: accepted
+    cfg.data.train_transforms = {"resize": "stretch", "augment": [{"_target_": "albumentations.HorizontalFlip",
+                                                                   "p": 0.0}]}
+    check_deterministic(instantiate(cfg.data, processor=processor))  # p = 0 never fires
 
 
 # ----------------------------------------------------------------------------------------------- text cache
@@ -188,7 +188,7 @@ def test_text_feature_cache_gives_the_same_outputs_once_per_distinct_prompt() ->
     module.eval()
     with torch.no_grad():
         plain = module(batch)
-        module.configure_perf(PerfSettings(cache_text_features=True))
+        module.configure_perf(defaults("module/default.perf", cache_text_features=True))
         text_rows: list[int] = []
         module.base_model.text_encoder.register_forward_pre_hook(
             lambda _m, _a, kwargs: text_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
@@ -217,7 +217,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> N
     module = build_module("lora=full", "++lora.init=false")  # adapters in both encoders: gradients flow through them
     batch = batch_for(module)
     plain_loss, plain_grads = loss_and_grads(module, batch)
-    module.configure_perf(PerfSettings(activation_checkpointing=True))
+    module.configure_perf(defaults("module/default.perf", activation_checkpointing=True))
     assert checkpointed_components(module.model) == ["vision_encoder", "text_encoder"]
     assert len(checkpoint_layers(module.model, ENCODERS)) == 4 + 2  # every ViT and CLIP block of the tiny preset
     # a block's submodules run again when backward recomputes the block (the block's own hooks do not)
@@ -227,7 +227,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes() -> N
     ckpt_loss, ckpt_grads = loss_and_grads(module, batch)
     assert [len(c) for c in calls] == [2, 2], "no block was recomputed in backward"
     assert_same_step(ckpt_loss, ckpt_grads, plain_loss, plain_grads)
-    module.configure_perf(PerfSettings())
+    module.configure_perf(defaults("module/default.perf"))
     assert checkpointed_components(module.model) == []
 
 
@@ -247,7 +247,7 @@ def test_checkpointing_the_heads_gives_the_same_gradients_and_recomputes() -> No
         + [f"detr_decoder.layers.{i}" for i in range(len(module.base_model.detr_decoder.layers))]
         + ["mask_decoder"]
     )
-    module.configure_perf(PerfSettings(activation_checkpointing=HEADS))
+    module.configure_perf(defaults("module/default.perf", activation_checkpointing=HEADS))
     assert checkpointed_components(module.model) == HEADS
     inner = {
         "geometry_encoder.layers.0.mlp": 2,
@@ -261,7 +261,7 @@ def test_checkpointing_the_heads_gives_the_same_gradients_and_recomputes() -> No
     # the decoder layers kept their reference boxes and rebuilt the box-RPB mask (checked against the original)
     assert module.base_model.detr_decoder.__dict__.get("_sam3lora_rpb_checked")
     assert_same_step(ckpt_loss, ckpt_grads, plain_loss, plain_grads)
-    module.configure_perf(PerfSettings())
+    module.configure_perf(defaults("module/default.perf"))
     assert checkpointed_components(module.model) == []
     decoder_layer = module.base_model.detr_decoder.layers[0]
     assert "forward" not in vars(decoder_layer) and not hasattr(decoder_layer, "gradient_checkpointing")
@@ -285,7 +285,7 @@ def test_decoder_checkpointing_replays_the_dac_pass() -> None:
     module = build_module("lora=balanced", "++lora.init=false")
     batch = batch_for(module)
     plain_loss, plain_grads = _dac_loss_and_grads(module, batch)
-    module.configure_perf(PerfSettings(activation_checkpointing=["detr_decoder"]))
+    module.configure_perf(defaults("module/default.perf", activation_checkpointing=["detr_decoder"]))
     attn = [layer.self_attn for layer in module.base_model.detr_decoder.layers]
     dac_calls: list[int] = []
 
@@ -313,16 +313,17 @@ def test_decoder_checkpointing_replays_the_dac_pass() -> None:
 
 
 def test_perf_settings_validate_their_values() -> None:
-    assert PerfSettings(activation_checkpointing=True).checkpoint_components == ["vision_encoder", "text_encoder"]
-    assert PerfSettings(activation_checkpointing=["text_encoder"]).checkpoint_components == ["text_encoder"]
-    assert PerfSettings(cache_vision_features=True).cache_vision_features == "memory"
+    perf = functools.partial(defaults, "module/default.perf")
+    assert perf(activation_checkpointing=True).checkpoint_components == ["vision_encoder", "text_encoder"]
+    assert perf(activation_checkpointing=["text_encoder"]).checkpoint_components == ["text_encoder"]
+    assert perf(cache_vision_features=True).cache_vision_features == "memory"
     heads = ["detr_encoder", "detr_decoder", "mask_decoder"]
-    assert PerfSettings(activation_checkpointing=heads).checkpoint_components == heads
+    assert perf(activation_checkpointing=heads).checkpoint_components == heads
     for bad in (dict(activation_checkpointing=["pixel_decoder"]), dict(activation_checkpointing="all"),
                 dict(cache_vision_features="ram"),
                 dict(cache_vision_features="disk"), dict(vision_cache_dtype="int8")):
         with pytest.raises(ValueError, match="module.perf"):
-            PerfSettings(**bad)
+            perf(**bad)
 
 
 # ----------------------------------------------------------------------------------------------- bf16 base

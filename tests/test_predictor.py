@@ -10,6 +10,7 @@ from torch import nn
 
 from sam3lora.adapter import AdapterMismatchError, save_adapter
 from sam3lora.inference import AdapterLoadError, PredictorError, PromptError, Sam3LoRAPredictor
+from sam3lora.config import defaults
 from sam3lora.lora import LoraSettings, apply_lora
 from sam3lora.model import load_model
 
@@ -18,8 +19,8 @@ PROMPTS = ["red circle", "blue square", "green triangle"]
 
 def lora_settings() -> LoraSettings:
     """Random-B adapters (init=False) with a large scale, so adapters visibly change the outputs."""
-    return LoraSettings(
-        init=False, rank=4, alpha=16, vision_encoder={"enabled": True}, detr_decoder={"enabled": True},
+    return defaults(
+        "lora/_base", init=False, rank=4, alpha=16, vision_encoder={"enabled": True}, detr_decoder={"enabled": True},
         mask_decoder={"enabled": True},
     )
 
@@ -35,12 +36,7 @@ def make_adapter(path, seed: int, base_seed: int = 0):
 
 def make_checkpoint(path, peft_model) -> None:
     """A checkpoint as Sam3LoRAModule.on_save_checkpoint writes it (trainable weights + base + LoRA settings)."""
-    from sam3lora.training.module import MetricSettings, Sam3LoRAModule
-    from sam3lora.training.schedule import ScheduleSettings
-
-    module = Sam3LoRAModule(
-        peft_model, nn.Module(), torch.optim.AdamW, ScheduleSettings(), MetricSettings(), lora_settings=lora_settings()
-    )
+    module = defaults("module/default", model=peft_model, criterion=nn.Module(), lora_settings=lora_settings())
     checkpoint = {"state_dict": module.state_dict(), "epoch": 0}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)

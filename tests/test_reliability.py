@@ -221,7 +221,7 @@ def hashes(root: Path) -> dict[str, bytes]:
 def test_data_root_typo_is_an_error_naming_it(tmp_path: Path, processor: Any) -> None:
     """The default (synthetic) data config with a data.root that does not exist: one line naming the path, and
     nothing generated there."""
-    from sam3lora.data.coco import DataError
+    from sam3lora.data.data_error import DataError
 
     typo = tmp_path / "data" / "synthetc"
     dm = datamodule(compose_data(tmp_path, f"data.root={typo}", *SMALL_SET), processor)
@@ -237,7 +237,7 @@ def test_data_root_of_another_folder_is_never_replaced(tmp_path: Path, processor
     """data.root naming a real folder that is not in the canonical layout: an error, no overwrite suggested, and
     neither the trainer nor ``sam3lora-data synthetic --overwrite`` touches it."""
     from sam3lora.cli.data import main as data_main
-    from sam3lora.data.coco import DataError
+    from sam3lora.data.data_error import DataError
     from sam3lora.data.synthetic import write_synthetic
 
     real = tmp_path / "my_dataset"
@@ -287,10 +287,11 @@ def test_synthetic_set_is_generated_where_asked_and_marked(tmp_path: Path, proce
 @pytest.fixture
 def adapter_dir(tmp_path: Path) -> Path:
     from sam3lora.adapter import save_adapter
-    from sam3lora.lora import LoraSettings, apply_lora
+    from sam3lora.config import defaults
+    from sam3lora.lora import apply_lora
     from sam3lora.model import load_model
 
-    settings = LoraSettings(rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
+    settings = defaults("lora/_base", rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
     return save_adapter(apply_lora(load_model("tiny")[0], settings), tmp_path / "adapter", settings)
 
 
@@ -517,7 +518,8 @@ def test_bad_images_under_skip_are_counted_once_each(
 def test_duplicate_image_ids_are_an_error_naming_the_file(synthetic_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    from sam3lora.data.coco import DataError, normalise_coco
+    from sam3lora.data.coco_convert import normalise_coco
+    from sam3lora.data.data_error import DataError
     from sam3lora.data.readers import CocoReader
 
     root = tmp_path / "dup"
@@ -592,7 +594,7 @@ def test_demo_caps_prompts_and_boxes_and_removes_its_temporary_folder(tmp_path: 
 def test_every_user_error_class_derives_from_one_base() -> None:
     """The CLIs catch one base class (sam3lora.errors.Sam3LoRAError) for their one-line errors and exit status 2."""
     from sam3lora.adapter import AdapterMismatchError
-    from sam3lora.data.coco import DataError
+    from sam3lora.data.data_error import DataError
     from sam3lora.errors import Sam3LoRAError, user_errors
     from sam3lora.inference.errors import AdapterLoadError, ImageReadError, PredictorError, PromptError
     from sam3lora.lora import LoraTargetError

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from sam3lora.config import config_node
 from sam3lora.data.rows import PromptSettings, build_rows
 from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT
 
@@ -16,6 +19,14 @@ BOXES = np.array([[0.1, 0.1, 0.3, 0.2], [0.5, 0.5, 0.9, 0.8], [0.0, 0.6, 0.2, 1.
                   [0.4, 0.0, 0.6, 0.3], [0.7, 0.1, 0.8, 0.4], [0.2, 0.3, 0.5, 0.5]], dtype=np.float32)
 
 
+SHIPPED = PromptSettings.from_data_config(config_node("data/_common"))
+
+
+def settings(**overrides) -> PromptSettings:
+    """The shipped data config's prompt settings with ``overrides`` (field names)."""
+    return dataclasses.replace(SHIPPED, **overrides)
+
+
 def rows_for(settings: PromptSettings, seed: int = 0, train: bool = True, cats=CATS, boxes=BOXES):
     return build_rows(cats, boxes, PROMPTS, settings, np.random.default_rng(seed), train=train)
 
@@ -25,7 +36,7 @@ def cxcywh_to_xyxy(b: np.ndarray) -> np.ndarray:
 
 
 def test_one_text_row_per_present_category_with_its_targets():
-    rows = rows_for(PromptSettings(negative_ratio=0.0))
+    rows = rows_for(settings(negative_ratio=0.0))
     assert [r.category_id for r in rows] == [1, 2, 5]
     for r in rows:
         assert set(CATS[r.targets]) == {r.category_id}
@@ -36,7 +47,7 @@ def test_one_text_row_per_present_category_with_its_targets():
 def test_negatives_are_absent_categories_without_replacement_at_the_expected_ratio():
     counts = []
     for seed in range(300):
-        rows = rows_for(PromptSettings(negative_ratio=0.5), seed=seed)
+        rows = rows_for(settings(negative_ratio=0.5), seed=seed)
         negatives = [r for r in rows if r.is_negative]
         ids = [r.category_id for r in negatives]
         assert len(set(ids)) == len(ids) and set(ids) <= {3, 4, 6}
@@ -46,38 +57,38 @@ def test_negatives_are_absent_categories_without_replacement_at_the_expected_rat
     # 3 positives x 0.5 = 1.5 expected: stochastic rounding between 1 and 2
     assert set(counts) == {1, 2}
     assert abs(np.mean(counts) - 1.5) < 0.1
-    assert len([r for r in rows_for(PromptSettings(negative_ratio=5.0)) if r.is_negative]) == 3  # capped by absent
+    assert len([r for r in rows_for(settings(negative_ratio=5.0)) if r.is_negative]) == 3  # capped by absent
 
 
 def test_negative_ratio_null_and_validation_query_every_category():
-    rows = rows_for(PromptSettings(negative_ratio=None))
+    rows = rows_for(settings(negative_ratio=None))
     assert sorted(r.category_id for r in rows) == [1, 2, 3, 4, 5, 6]
-    val = rows_for(PromptSettings(negative_ratio=0.0, max_prompts_per_image=1), train=False)
+    val = rows_for(settings(negative_ratio=0.0, max_prompts_per_image=1), train=False)
     assert [r.category_id for r in val] == [1, 2, 5, 3, 4, 6]  # no cap, no sampling, positives first
     assert val[0].text == "red circle"  # canonical phrasing
-    again = rows_for(PromptSettings(negative_ratio=0.0, max_prompts_per_image=1), seed=9, train=False)
+    again = rows_for(settings(negative_ratio=0.0, max_prompts_per_image=1), seed=9, train=False)
     assert [(r.category_id, r.text) for r in again] == [(r.category_id, r.text) for r in val]
 
 
 def test_cap_keeps_positives_first():
-    rows = rows_for(PromptSettings(negative_ratio=3.0, max_prompts_per_image=2))
+    rows = rows_for(settings(negative_ratio=3.0, max_prompts_per_image=2))
     assert len(rows) == 2 and not any(r.is_negative for r in rows)
-    rows = rows_for(PromptSettings(negative_ratio=3.0, max_prompts_per_image=4))
+    rows = rows_for(settings(negative_ratio=3.0, max_prompts_per_image=4))
     assert [r.is_negative for r in rows] == [False, False, False, True]
-    seen = {tuple(r.category_id for r in rows_for(PromptSettings(max_prompts_per_image=2), seed=s)) for s in range(30)}
+    seen = {tuple(r.category_id for r in rows_for(settings(max_prompts_per_image=2), seed=s)) for s in range(30)}
     assert len(seen) > 1  # the kept positives are a random subset in training
 
 
 def test_image_without_objects_yields_one_negative():
     empty = np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
-    rows = rows_for(PromptSettings(negative_ratio=0.0), cats=empty[0], boxes=empty[1])
+    rows = rows_for(settings(negative_ratio=0.0), cats=empty[0], boxes=empty[1])
     assert len(rows) == 1 and rows[0].is_negative
 
 
 def test_box_mode_uses_visual_text_and_exemplars_from_the_rows_targets():
     sizes = set()
     for seed in range(40):
-        for r in rows_for(PromptSettings(mode="box", negative_ratio=1.0, max_exemplars=2), seed=seed):
+        for r in rows_for(settings(mode="box", negative_ratio=1.0, max_exemplars=2), seed=seed):
             if r.is_negative:
                 assert r.text != VISUAL_PROMPT and r.box_labels.tolist() == [PAD_LABEL]
                 continue
@@ -92,14 +103,14 @@ def test_box_mode_uses_visual_text_and_exemplars_from_the_rows_targets():
 
 
 def test_text_and_box_mode_keeps_the_category_text():
-    rows = rows_for(PromptSettings(mode="text+box", negative_ratio=0.0, max_exemplars=5), train=False)
+    rows = rows_for(settings(mode="text+box", negative_ratio=0.0, max_exemplars=5), train=False)
     by_cat = {r.category_id: r for r in rows}
     assert by_cat[1].text == "red circle" and len(by_cat[1].box_labels) == 3  # val: all, up to max_exemplars
     assert np.allclose(cxcywh_to_xyxy(by_cat[1].boxes), BOXES[CATS == 1], atol=1e-6)
 
 
 def test_training_picks_a_random_phrasing():
-    texts = {r.text for s in range(30) for r in rows_for(PromptSettings(negative_ratio=0.0), seed=s)
+    texts = {r.text for s in range(30) for r in rows_for(settings(negative_ratio=0.0), seed=s)
              if r.category_id == 1}
     assert texts == {"red circle", "crimson disc"}
 
@@ -108,9 +119,9 @@ def test_training_picks_a_random_phrasing():
                                     {"max_exemplars": 0}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs)).replace("mode", "prompt_mode")):
-        PromptSettings(**kwargs)
+        settings(**kwargs)
 
 
 def test_unknown_category_is_refused():
     with pytest.raises(ValueError, match=r"\[9\]"):
-        rows_for(PromptSettings(), cats=np.array([9]), boxes=BOXES[:1])
+        rows_for(settings(), cats=np.array([9]), boxes=BOXES[:1])

@@ -14,7 +14,7 @@ import torch
 from test_perf import batch_for, build_module
 from torch import nn
 
-from sam3lora.perf import PerfSettings
+from sam3lora.config import defaults
 from sam3lora.perf.checkpointing import CHECKPOINTABLE
 from sam3lora.perf.saved_bytes import LOSS, SavedBytes, SavedBytesReport
 from sam3lora.training.module import Sam3LoRAModule
@@ -115,7 +115,7 @@ BALANCED_MB = {
 def test_saved_bytes_per_component_and_what_checkpointing_leaves() -> None:
     module = build_module("lora=balanced")
     off = measure(module)
-    module.configure_perf(PerfSettings(activation_checkpointing=list(CHECKPOINTABLE)))
+    module.configure_perf(defaults("module/default.perf", activation_checkpointing=list(CHECKPOINTABLE)))
     on = measure(module)
     off_mb = {k: v / MB for k, v in off.per_image().items()}
     on_mb = {k: v / MB for k, v in on.per_image().items()}

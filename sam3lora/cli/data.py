@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from sam3lora.data.coco import DataError, DataWarning
+from sam3lora.data.data_error import DataError, DataWarning
 
 
 def _synthetic(args: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def _convert(args: argparse.Namespace) -> int:
             raise DataError(args.prompts, "--prompts is only supported with --from coco")
         out = yolo_to_coco(args.src, args.out, overwrite=args.overwrite)
     else:
-        from sam3lora.data.coco import normalise_coco
+        from sam3lora.data.coco_convert import normalise_coco
 
         out = normalise_coco(args.src, args.out, prompts=args.prompts, overwrite=args.overwrite)
     print(f"wrote {out}")

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.data.coco import DataError
+from sam3lora.data.data_error import DataError
 from sam3lora.data.readers import BadSampleError, DatasetReader, ReaderFactory, build_reader
 from sam3lora.data.rows import PromptSettings, Row, build_rows
 from sam3lora.data.transforms import Sam3Transform, build_transform
@@ -294,7 +294,8 @@ class Sam3DataLoader(DataLoader):
 
 
 class Sam3DataModule(L.LightningDataModule):
-    """Training/validation data for SAM 3 fine-tuning (see the module docstring and ``conf/data/*.yaml``).
+    """Training/validation data for SAM 3 fine-tuning (see the module docstring and ``conf/data/*.yaml``, the one
+    place the arguments' values are stated: ``sam3lora.config.defaults("data/coco", processor=..., root=...)``).
 
     Args:
         processor: a ``Sam3Processor`` (its ``tokenizer`` and ``image_processor`` mean/std/rescale are used).
@@ -320,23 +321,23 @@ class Sam3DataModule(L.LightningDataModule):
         processor: Any,
         root: str | Path,
         image_size: int,
-        reader: ReaderFactory | Mapping[str, Any] | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
-        prompt_mode: str = "text",
-        negative_ratio: float | None = 1.0,
-        max_prompts_per_image: int | None = None,
-        max_exemplars: int = 3,
-        train_transforms: Mapping[str, Any] | None = None,
-        val_transforms: Mapping[str, Any] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
-        on_bad_sample: str = "raise",
-        yolo_src: str | Path | None = None,
-        synthetic: Mapping[str, Any] | None = None,
+        reader: ReaderFactory | Mapping[str, Any] | None,
+        train_split: str,
+        val_split: str,
+        prompt_mode: str,
+        negative_ratio: float | None,
+        max_prompts_per_image: int | None,
+        max_exemplars: int,
+        train_transforms: Mapping[str, Any] | None,
+        val_transforms: Mapping[str, Any] | None,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        seed: int,
+        on_bad_sample: str,
+        yolo_src: str | Path | None,
+        synthetic: Mapping[str, Any] | None,
     ) -> None:
         super().__init__()
         if on_bad_sample not in ON_BAD_SAMPLE:

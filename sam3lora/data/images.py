@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from sam3lora.data.coco import DataError
+from sam3lora.data.data_error import DataError
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # what the tools take for an image
 _WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel wider than 8 bits
 
 

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from sam3lora.data.coco import DataError, annotation_to_mask, check_unique_ids, read_coco, safe_relpath
+from sam3lora.data.coco_json import check_unique_ids, read_coco, safe_relpath
+from sam3lora.data.data_error import DataError
 from sam3lora.data.images import ImageDecodeError, decode_image
+from sam3lora.data.masks import annotation_to_mask
 from sam3lora.data.validate import Issue, check_split
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,16 +25,17 @@ PROMPT_MODES: tuple[str, ...] = ("text", "box", "text+box")
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How rows are drawn from an image (see module docstring).
+    """How rows are drawn from an image (see module docstring); the values are data config keys (``prompt_mode``,
+    ``negative_ratio``, ... in ``conf/data/_common.yaml``, the one place they are stated).
 
     ``negative_ratio``: expected negatives per positive row in training (an image without positives counts
     as one); ``None`` queries every absent category. ``max_prompts_per_image``: training cap, None = no cap.
     """
 
-    mode: PromptMode = "text"
-    negative_ratio: float | None = 1.0
-    max_prompts_per_image: int | None = None
-    max_exemplars: int = 3
+    mode: PromptMode
+    negative_ratio: float | None
+    max_prompts_per_image: int | None
+    max_exemplars: int
 
     def __post_init__(self) -> None:
         if self.mode not in PROMPT_MODES:
@@ -45,6 +46,16 @@ class PromptSettings:
             raise ValueError(f"max_prompts_per_image must be >= 1 or null, got {self.max_prompts_per_image}")
         if self.max_exemplars < 1:
             raise ValueError(f"max_exemplars must be >= 1, got {self.max_exemplars}")
+
+    @classmethod
+    def from_data_config(cls, data: Mapping[str, Any]) -> PromptSettings:
+        """From the data config's keys (:data:`DATA_KEYS`; e.g. ``config_node("data/_common")``), others ignored."""
+        return cls(**{name: data[key] for name, key in DATA_KEYS.items()})
+
+
+DATA_KEYS = {"mode": "prompt_mode", "negative_ratio": "negative_ratio",
+             "max_prompts_per_image": "max_prompts_per_image", "max_exemplars": "max_exemplars"}
+"""``PromptSettings`` field -> the data config key (``conf/data/_common.yaml``) that holds its value."""
 
 
 @dataclass

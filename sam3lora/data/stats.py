@@ -10,7 +10,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from sam3lora.data.coco import DataError, annotation_to_mask, read_coco, safe_relpath
+from sam3lora.data.coco_json import read_coco, safe_relpath
+from sam3lora.data.data_error import DataError
+from sam3lora.data.masks import annotation_to_mask
 from sam3lora.io import atomic_file
 
 SPLITS = ("train", "val", "test")

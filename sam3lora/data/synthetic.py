@@ -13,7 +13,7 @@ category objects of varied size, often overlapping or touching. Later objects ar
 object's mask loses its hidden part, and instances left with fewer than ``MIN_AREA`` px (or under
 ``MIN_VISIBLE`` of their full area) are removed from the image before it is drawn, so every visible
 category object is annotated. Polygons are traced from the visible mask (holes slit open, see
-:func:`sam3lora.data.coco.mask_to_polygons`); ``bbox`` and ``area`` come from the rasterised polygons.
+:func:`sam3lora.data.masks.mask_to_polygons`); ``bbox`` and ``area`` come from the rasterised polygons.
 Every image lacks at least one category when there are two or more (negative prompts exist).
 Output is deterministic per ``seed`` (byte-identical files).
 """
@@ -31,7 +31,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from sam3lora.data.coco import DataError, mask_to_polygons, output_dir, rle_area_bbox
+from sam3lora.data.data_error import DataError
+from sam3lora.data.masks import mask_to_polygons, rle_area_bbox
+from sam3lora.data.output_dirs import output_dir
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 35),

@@ -28,8 +28,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sam3lora.data.coco import DataError, find_coco_splits, read_coco, safe_relpath, segmentation_to_rle
+from sam3lora.data.coco_json import read_coco, safe_relpath
+from sam3lora.data.data_error import DataError
 from sam3lora.data.images import ImageDecodeError, decode_image
+from sam3lora.data.layouts import find_coco_splits
+from sam3lora.data.masks import segmentation_to_rle
 
 TOLERANCE = 1.0
 SPLITS = ("train", "val", "test")
@@ -203,7 +206,7 @@ def check_split(
     check_size: bool = True,
     ann_files: Mapping[Any, str] | None = None,
 ) -> tuple[list[Issue], list[Issue], SplitCounts]:
-    """Every check of one split's COCO dict (already shaped by :func:`~sam3lora.data.coco.read_coco`).
+    """Every check of one split's COCO dict (already shaped by :func:`~sam3lora.data.coco_json.read_coco`).
 
     Returns ``(errors, warnings, counts)``; never raises for bad data. ``images`` says how far image files are
     read (see :func:`_image_size`); ``check_size`` compares their size with the json's.
@@ -294,7 +297,7 @@ def coco_image_path(image_dir: Path, json_file: Path) -> Callable[[Mapping[str, 
 
 
 def coco_sources(src: str | Path) -> list[SplitSource]:
-    """The splits of a COCO dataset in any layout :func:`~sam3lora.data.coco.find_coco_splits` knows; a split
+    """The splits of a COCO dataset in any layout :func:`~sam3lora.data.layouts.find_coco_splits` knows; a split
     whose json cannot be read has ``data=None`` and the reason as a fatal issue."""
     sources = []
     for split, (ann, image_dir) in find_coco_splits(src).items():

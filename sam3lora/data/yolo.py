@@ -27,17 +27,11 @@ import yaml
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
-from sam3lora.data.coco import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    DataWarning,
-    check_not_nested,
-    check_replaceable,
-    output_dir,
-    split_name,
-    write_coco,
-    write_marker,
-)
+from sam3lora.data.coco_json import write_coco
+from sam3lora.data.data_error import DataError, DataWarning
+from sam3lora.data.images import IMAGE_EXTENSIONS
+from sam3lora.data.layouts import split_name
+from sam3lora.data.output_dirs import check_not_nested, check_replaceable, output_dir, write_marker
 from sam3lora.data.validate import DatasetProblems, Issue, SplitSource, validate_sources
 
 _TOL = 0.01  # normalised coordinates may overshoot [0, 1] by this much (then clipped)
@@ -335,7 +329,7 @@ def yolo_to_coco(src: str | Path, out: str | Path, overwrite: bool = False) -> P
 
     Every check of ``sam3lora-data validate`` runs first (each image decoded whole); any error refuses the
     conversion with all of them (:class:`~sam3lora.data.validate.DatasetProblems`) and writes nothing. ``out``
-    is written whole, with the :data:`~sam3lora.data.coco.CONVERTED_MARKER` file; a non-empty ``out`` is replaced
+    is written whole, with the :data:`~sam3lora.data.output_dirs.CONVERTED_MARKER` file; a non-empty ``out`` is replaced
     only with ``overwrite`` and only when sam3lora wrote it.
     """
     src, out = Path(src), Path(out)

@@ -32,7 +32,9 @@ METRIC_KEYS = (
 
 @dataclass
 class EvalSettings:
-    """Attributes:
+    """The evaluation keys of ``conf/eval.yaml`` (the one place their values are stated).
+
+    Attributes:
     score_threshold: predictions >= this count for IoU / Dice / cgF1 (SAM 3: 0.5).
     mask_threshold: mask probability above which a pixel is foreground.
     max_detections: detections per (image, category) kept for COCO AP (pycocotools' maxDets, 100).
@@ -40,11 +42,11 @@ class EvalSettings:
     limit: evaluate only the first N images of the split (None = all).
     """
 
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    max_detections: int = 100
-    batch_size: int = 4
-    limit: int | None = None
+    score_threshold: float
+    mask_threshold: float
+    max_detections: int
+    batch_size: int
+    limit: int | None
 
     def __post_init__(self) -> None:
         for name in ("score_threshold", "mask_threshold"):

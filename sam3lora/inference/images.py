@@ -11,10 +11,9 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from sam3lora.data.images import ImageDecodeError, decode_image, to_rgb8
+from sam3lora.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, to_rgb8
 from sam3lora.inference.errors import ImageReadError, PredictorError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray]  # noqa: UP007 (used at run time)
 
 

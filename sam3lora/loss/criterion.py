@@ -203,8 +203,8 @@ class Sam3Criterion(nn.Module):
         importance_sample_ratio: float,
         aux_loss: bool,
         scale_by_sqrt_batch: bool,
-        o2m: OneToManySettings | None = None,
-        extra_terms: Mapping[str, Mapping[str, Any]] | None = None,
+        o2m: OneToManySettings | None,
+        extra_terms: Mapping[str, Mapping[str, Any]] | None,
     ) -> None:
         super().__init__()
         if mask_loss not in MASK_LOSS_MODES:

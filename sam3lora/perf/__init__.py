@@ -39,7 +39,8 @@ __all__ = [
 
 @dataclass
 class PerfSettings:
-    """Speed/memory switches; all off by default (each trades something, see ``docs/performance.md``).
+    """Speed/memory switches; all off in ``conf/module/default.yaml`` (``module.perf``, the one place the values are
+    stated: ``sam3lora.config.defaults("module/default.perf", ...)``); each trades something (``docs/performance.md``).
 
     Attributes:
         activation_checkpointing: recompute blocks in backward instead of keeping their activations.
@@ -57,11 +58,11 @@ class PerfSettings:
             un-adapted text encoder (every shipped preset but ``full``).
     """
 
-    activation_checkpointing: bool | list[str] = False
-    cache_vision_features: bool | str = False
-    vision_cache_dir: str | None = None
-    vision_cache_dtype: str | None = None
-    cache_text_features: bool = False
+    activation_checkpointing: bool | list[str]
+    cache_vision_features: bool | str
+    vision_cache_dir: str | None
+    vision_cache_dtype: str | None
+    cache_text_features: bool
 
     def __post_init__(self) -> None:
         ckpt = self.activation_checkpointing

@@ -36,7 +36,7 @@ class BestAdapterExport(L.Callback):
     directory) writes the best adapter there before training on, and only a better score replaces it.
     """
 
-    def __init__(self, dirpath: str, monitor: str, mode: str = "max") -> None:
+    def __init__(self, dirpath: str, monitor: str, mode: str) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"callbacks.best_adapter.mode must be 'max' or 'min', got {mode!r}")
         self.dirpath = Path(dirpath)
@@ -162,7 +162,7 @@ class TrainingPlots(L.Callback):
       ground truth beside predictions (scores >= the module's ``score_threshold``).
     """
 
-    def __init__(self, dirpath: str, max_images: int = 4) -> None:
+    def __init__(self, dirpath: str, max_images: int) -> None:
         self.dirpath = Path(dirpath)
         self.max_images = max_images
         self.train_history: dict[str, list[tuple[int, float]]] = {}

@@ -52,7 +52,9 @@ from sam3lora.training.schedule import ScheduleSettings
 
 @dataclass
 class MetricSettings:
-    """Attributes:
+    """``module.metrics`` of ``conf/module/default.yaml`` (the one place the values are stated).
+
+    Attributes:
     score_threshold: predictions with sigmoid(logit) * sigmoid(presence) >= this count for cgF1 / IL_MCC / pmF1.
         ``val/iou`` and ``val/dice`` are not thresholded: they are the mask IoU / Dice of the query the criterion
         matched to each ground-truth instance (mask quality; calibration is what cgF1 measures).
@@ -62,10 +64,10 @@ class MetricSettings:
         (image, category), i.e. per row (cgF1 always sees every query above ``score_threshold``).
     """
 
-    score_threshold: float = 0.5
-    mask_threshold: float = 0.5
-    ap_every_n_epochs: int = 1
-    max_detections: int = 100
+    score_threshold: float
+    mask_threshold: float
+    ap_every_n_epochs: int
+    max_detections: int
 
 
 def _fp32_roi_features_on_cpu(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -91,9 +93,11 @@ class Sam3LoRAModule(L.LightningModule):
         optimizer: factory ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW, lr=...)``).
         scheduler: schedule settings; sized from ``trainer.estimated_stepping_batches``.
         metrics: validation metric settings.
-        component_lr: optional learning rate per component (``vision_encoder``, ``detr_decoder``, ...).
+        component_lr: optional learning rate per component (``vision_encoder``, ``detr_decoder``, ...); None: one.
+        perf: speed/memory switches (activation checkpointing, vision/text feature caches).
         lora_settings: the LoRA settings, recorded beside exported adapters.
-        perf: speed/memory switches (activation checkpointing, vision/text feature caches); all off by default.
+
+    ``sam3lora.config.defaults("module/default.<key>")`` builds the shipped scheduler, metrics and perf settings.
 
     A base loaded in bfloat16/float16 (``model.dtype``) keeps float32 trainable weights and runs under autocast
     to the base dtype when the trainer's precision does not already autocast.
@@ -106,9 +110,9 @@ class Sam3LoRAModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: ScheduleSettings,
         metrics: MetricSettings,
-        component_lr: Mapping[str, float] | None = None,
+        component_lr: Mapping[str, float] | None,
+        perf: PerfSettings,
         lora_settings: Any = None,
-        perf: PerfSettings | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -141,7 +145,7 @@ class Sam3LoRAModule(L.LightningModule):
         self._low_precision = prepare_low_precision_base(self.model)  # None for a float32 base
         self.vision_cache: VisionFeatureCache | None = None
         self.text_cache: TextFeatureCache | None = None
-        self.configure_perf(perf or PerfSettings())
+        self.configure_perf(perf)
 
     def configure_perf(self, perf: PerfSettings) -> None:
         """Apply ``perf``: activation checkpointing on the chosen encoders (off on the others), fresh caches.
