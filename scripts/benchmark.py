@@ -191,6 +191,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run each configuration in a fresh process (auto: on for CPU grids of several "
                         "configurations, where the peak RSS of one would hide the next one's)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--memory-table", type=Path, default=None,
+                        help="memory: write the bytes-per-image table of checkpointing auto here (needs "
+                        "--activation-checkpointing off,all; sam3lora/perf/memory_table.json is the shipped one)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="render the tables of an earlier run (its JSON) instead of measuring")
@@ -388,6 +391,7 @@ def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp
         vision_cache_dir=str(tmp / "vision_cache") if vision == "disk" else None,
         vision_cache_dtype=None,
         cache_text_features=bool(config.get("text_cache", False)),
+        compile=False,
     )
     try:
         module.configure_perf(settings)
@@ -521,6 +525,8 @@ def _finite(value: float) -> bool:
 def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Namespace, device: torch.device,
                       tmp: Path) -> dict[str, Any]:
     """One training step whose forward and loss count the bytes saved for backward, per component and image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from sam3lora.perf.saved_bytes import LOSS, SavedBytes
 
     module = models.get(config)
@@ -530,11 +536,13 @@ def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Nam
     module.train()
     before = reset_peak(device)
     counter = SavedBytes(module.model)
+    flops = FlopCounterMode(display=False) if args.flops else contextlib.nullcontext()
     try:
         sync(device)
         start = time.perf_counter()
         with counter.recording(), autocast(config["precision"], device):
-            outputs = module(batch)
+            with flops:  # the forward's FLOPs per component: what checkpointing one costs
+                outputs = module(batch)
             with counter.label(LOSS):
                 loss = module.criterion(outputs, batch.targets)["loss"]
         report = counter.report(images=batch.num_images, rows=batch.num_rows)
@@ -556,9 +564,24 @@ def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Nam
         "checkpoint_input_gb_per_image": {k: v / batch.num_images / 1e9 for k, v in report.checkpoint_inputs.items()},
         "saved_tensors": report.tensors,
     }
+    if isinstance(flops, FlopCounterMode):
+        result["forward_flops_per_image"] = component_flops(flops, batch.num_images)
     for component, _ in SAVED_COLUMNS:
         result[f"saved_{component}_gb"] = result["saved_gb_per_image_by_component"].get(component, 0.0)
     return result
+
+
+def component_flops(counter: Any, images: int) -> dict[str, float]:
+    """Forward FLOPs per image of each component of ``sam3lora.perf.saved_bytes.COMPONENT_MODULES``."""
+    from sam3lora.perf.saved_bytes import COMPONENT_MODULES
+
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    out = {}
+    for component, paths in COMPONENT_MODULES.items():  # module names end with the base model's attribute path
+        total = sum(max((n for name, n in counts.items() if name.endswith(f".model.{path}")), default=0)
+                    for path in paths)
+        out[component] = total / images
+    return out
 
 
 def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -940,7 +963,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.markdown is not None and args.single is None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(payload))
+    if args.memory_table is not None and args.single is None:
+        write_memory_table(payload, args.memory_table)
     return payload
+
+
+def write_memory_table(payload: dict[str, Any], path: Path) -> None:
+    """The ``checkpointing: auto`` table (``sam3lora.perf.memory_plan``) from a memory run's records."""
+    from sam3lora.io import write_whole
+    from sam3lora.perf.memory_plan import table_from_records
+
+    meta = payload["meta"]
+    source = f"{meta['command']} ({meta['model']}, {meta['device_name']}, {meta['time']})"
+    table = table_from_records(payload["results"], meta["image_size"], source)
+    write_whole(path, json.dumps(table.as_dict(), indent=1, sort_keys=True) + "\n")
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,76 @@ def test_saved_bytes_per_component_and_what_checkpointing_leaves() -> None:
         assert on_mb[component] - inputs[component] <= 0.05 * off_mb[component], component
     # the DETR decoder also keeps its per-layer box refinement and presence heads (outside the layers)
     assert on_mb["detr_decoder"] - inputs["detr_decoder"] <= 0.1 * off_mb["detr_decoder"]
+
+
+# ------------------------------------------------------------------------------------- no duplicated activations
+
+
+class QKV(nn.Module):
+    """A frozen norm feeding three projections (the q/k/v of an attention block) and a frozen output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.out = nn.Linear(32, 32)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.norm(h)  # float32 under autocast (layer norm runs in float32)
+        return self.out(self.q_proj(x) * self.k_proj(x) + self.v_proj(x))
+
+
+def toy_peft() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(QKV(), config)
+
+
+def toy_saved(model: nn.Module, h: torch.Tensor) -> tuple[SavedBytesReport, torch.Tensor]:
+    counter = SavedBytes(model, groups={"all": [""]}, find_copies=True)
+    with counter.recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(h)
+    report = counter.report()
+    counter.remove()
+    out.float().sum().backward()
+    return report, out.detach()
+
+
+def test_each_lora_input_is_cast_once_under_autocast() -> None:
+    from sam3lora.perf.precision import single_input_cast
+
+    model, h = toy_peft(), torch.randn(64, 32)
+    cast_bytes = h.numel() * 2  # one bfloat16 copy of the norm's output
+    assert single_input_cast(model, enabled=False) == 3
+    plain, plain_out = toy_saved(model, h)
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    single_input_cast(model)
+    once, once_out = toy_saved(model, h)
+    # PEFT + autocast: each adapter casts the input for itself, three saved copies; one with the shared cast
+    assert plain.copies["duplicates"] == 2 * cast_bytes, plain.copies
+    assert once.copies["duplicates"] == 0, once.copies
+    assert plain.total - once.total == 2 * cast_bytes
+    torch.testing.assert_close(once_out, plain_out, rtol=0, atol=0)  # the same casts, made once
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=0, atol=0, msg=name)
+
+
+def test_a_compute_dtype_base_saves_no_weight_copies() -> None:
+    from sam3lora.perf.precision import cast_frozen_base, prepare_low_precision_base
+
+    # the gradient reaches every frozen weight; a bfloat16 input as in the model (a CPU layer norm takes one dtype)
+    model, h = toy_peft(), torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    fp32, _ = toy_saved(model, h)
+    # autocast casts each frozen float32 weight on the gradient path every step and saves the copy
+    weights = sum(m.base_layer.weight.numel() * 2 for m in (model.q_proj, model.k_proj, model.v_proj))
+    assert fp32.copies["weight_casts"] >= weights + model.out.weight.numel() * 2, fp32.copies
+    assert cast_frozen_base(model, "bfloat16") > 0
+    assert prepare_low_precision_base(model) == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # the adapters stay float32
+    bf16, _ = toy_saved(model, h)
+    assert bf16.copies["weight_casts"] == 0, bf16.copies
+    assert fp32.total - bf16.total >= fp32.copies["weight_casts"]

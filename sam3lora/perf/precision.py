@@ -13,15 +13,13 @@ Two things keep autocast from saving copies for backward (``tests/test_saved_byt
   (``module.perf.base_dtype``) keeps the frozen weights in the compute dtype instead;
 - PEFT's LoRA ``Linear`` casts its input to the adapter dtype (float32) and autocast casts it back for the
   adapter's matmul, and the q/k/v adapters of one hidden state each make their own cast: several saved copies
-  of the same activation. :func:`single_input_cast` casts each input once, before all of them (``_CastOnce``).
+  of the same activation. :func:`single_input_cast` casts each input once, before all of them (``_cast_once``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -31,6 +29,7 @@ from sam3lora.lora import unwrap_base
 from sam3lora.model.loading import DTYPES
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CAST = "_sam3lora_cast"  # on a LoRA layer's float32 input: ((version, dtype), its autocast-dtype copy)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
@@ -64,48 +63,41 @@ def cast_frozen_base(model: nn.Module, dtype: str) -> int:
     return changed
 
 
-class _CastOnce:
-    """Forward pre-hook of the PEFT LoRA ``Linear`` layers of one model: under autocast, one cast of an input for
-    every layer that reads it (base matmul and adapter alike).
+def _cast_once(layer: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a PEFT LoRA ``Linear``: under autocast, one cast of an input for every layer that reads
+    it (base matmul and adapter alike).
 
     The input ``x`` (..., in) is cast to the autocast dtype here when autocast would cast it (float32), and PEFT's
     own cast to the adapter dtype is off meanwhile, so the base matmul and the adapter's ``lora_A`` get (and
-    save) the same tensor; the q/k/v projections of one hidden state share the one cast (the latest cast is
-    remembered, by weak reference, for the next layer: a different or modified input misses). Outside autocast
-    PEFT casts as usual (a float32 adapter beside a bfloat16 base).
+    save) the same tensor; the q/k/v projections of one hidden state share the one cast (kept on the input
+    tensor itself, so it lives as long as the input; a modified input is cast again). Outside autocast PEFT
+    casts as usual (a float32 adapter beside a bfloat16 base).
     """
-
-    def __init__(self) -> None:
-        self._last: tuple[Any, int, torch.dtype, Any] | None = None  # (weakref x, x._version, dtype, weakref cast)
-
-    def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args else None
-        if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
-            layer.cast_input_dtype_enabled = True
-            return None
-        layer.cast_input_dtype_enabled = False
-        dtype = torch.get_autocast_dtype(x.device.type)
-        if x.dtype != torch.float32 or dtype == torch.float32:
-            return None
-        last = self._last
-        cast = last[3]() if last is not None and last[0]() is x and last[1:3] == (x._version, dtype) else None
-        if cast is None:
-            cast = x.to(dtype)
-            self._last = (weakref.ref(x), x._version, dtype, weakref.ref(cast))
-        return (cast, *args[1:])
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        layer.cast_input_dtype_enabled = True
+        return None
+    layer.cast_input_dtype_enabled = False
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.dtype != torch.float32 or dtype == torch.float32:
+        return None
+    key, cast = x.__dict__.get(_CAST, (None, None))
+    if key != (x._version, dtype):
+        cast = x.to(dtype)
+        x.__dict__[_CAST] = ((x._version, dtype), cast)
+    return (cast, *args[1:])
 
 
 def single_input_cast(model: nn.Module, enabled: bool = True) -> int:
-    """Install (or remove) a :class:`_CastOnce` on every LoRA ``Linear`` of ``model``; returns how many layers."""
+    """Install (or remove) :func:`_cast_once` on every LoRA ``Linear`` of ``model``; returns how many layers."""
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    hook = _CastOnce()
     for layer in layers:
         handle = layer.__dict__.pop("_sam3lora_cast_once", None)
         if handle is not None:
             handle.remove()
         layer.cast_input_dtype_enabled = True
         if enabled:
-            layer.__dict__["_sam3lora_cast_once"] = layer.register_forward_pre_hook(hook)
+            layer.__dict__["_sam3lora_cast_once"] = layer.register_forward_pre_hook(_cast_once)
     return len(layers)
 
 
