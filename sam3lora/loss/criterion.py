@@ -254,6 +254,7 @@ class Sam3Criterion(nn.Module):
         if o2m is not None and o2m.enabled and not o2m.weight > 0:
             raise ValueError(f"loss.o2m.weight must be > 0 when loss.o2m.enabled, got {o2m.weight}")
         self.o2m = o2m if o2m is not None and o2m.enabled else None
+        self._compiled_dense_terms: Callable[..., tuple[Tensor, Tensor]] | None = None
         self.extra_terms: dict[str, ExtraTerm] = {}
         # Extra terms that are modules are registered so that .to(device) and state_dict see them.
         self.extra_modules = nn.ModuleDict()
@@ -408,6 +409,23 @@ class Sam3Criterion(nn.Module):
             pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
         return pred.flatten(1), target.flatten(1)
 
+    def _dense_terms(self, pred: Tensor, target: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
+        """Per-item focal (mean over points) and Dice of predictions (N,h,w) logits vs targets (N,H,W): two (N,).
+
+        The per-pixel part of the mask and semantic terms, the one ``compile_terms`` compiles.
+        """
+        logits, target = self._dense_pair(pred, target)
+        return focal_loss_per_item(logits, target, alpha, gamma), dice_loss_per_item(logits, target)
+
+    def _mask_terms(self, pred: Tensor, target: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
+        """``_dense_terms``, compiled when ``compile_terms`` was given options."""
+        terms = self._compiled_dense_terms or self._dense_terms
+        return terms(pred, target, alpha, gamma)
+
+    def compile_terms(self, options: Mapping[str, Any] | None) -> None:
+        """``torch.compile`` the per-pixel mask terms with ``options`` (``torch.compile`` kwargs); None: eager."""
+        self._compiled_dense_terms = None if options is None else torch.compile(self._dense_terms, **options)
+
     def loss_masks(
         self,
         outputs: Mapping[str, Any],
@@ -434,9 +452,7 @@ class Sam3Criterion(nn.Module):
             return {"loss_mask": _zero(pred_masks), "loss_dice": _zero(pred_masks)}
         src = pred_masks[torch.as_tensor(rows).to(pred_masks.device), torch.as_tensor(np.concatenate(queries)).to(
             pred_masks.device)]
-        logits, target = self._dense_pair(src, torch.cat(tgt))
-        focal = focal_loss_per_item(logits, target, self.mask_focal_alpha, self.mask_focal_gamma)
-        dice = dice_loss_per_item(logits, target)
+        focal, dice = self._mask_terms(src, torch.cat(tgt), self.mask_focal_alpha, self.mask_focal_gamma)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
     @staticmethod
@@ -479,9 +495,9 @@ class Sam3Criterion(nn.Module):
         if not rows:
             return {"loss_semantic_focal": _zero(sem), "loss_semantic_dice": _zero(sem)}
         pred = sem[torch.as_tensor(rows, device=sem.device), 0]
-        logits, target = self._dense_pair(pred, torch.stack(unions).to(sem.device))
-        focal = focal_loss_per_item(logits, target, self.semantic_focal_alpha, self.semantic_focal_gamma)
-        dice = dice_loss_per_item(logits, target)
+        focal, dice = self._mask_terms(
+            pred, torch.stack(unions).to(sem.device), self.semantic_focal_alpha, self.semantic_focal_gamma
+        )
         count = len(rows) + (1e-6 if self.semantic_box_only == "background" else 0.0)
         return {"loss_semantic_focal": focal.sum() / count, "loss_semantic_dice": dice.sum() / count}
 

@@ -6,11 +6,13 @@ Measured by ``scripts/benchmark.py``; see ``docs/performance.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sam3lora.model.loading import DTYPES
 from sam3lora.perf.checkpointing import CHECKPOINTABLE, ENCODERS, RecomputeFlops, set_activation_checkpointing
+from sam3lora.perf.compile import compile_options
 from sam3lora.perf.feature_cache import (
     CACHE_MODES,
     FeatureCacheError,
@@ -56,6 +58,9 @@ class PerfSettings:
             they were computed in.
         cache_text_features: compute the text encoder's output once per distinct prompt; needs a frozen,
             un-adapted text encoder (every shipped preset but ``full``).
+        compile: ``torch.compile`` the per-row heads and the loss's per-pixel terms (``sam3lora.perf.compile``):
+            ``true`` (inductor) or a mapping of ``torch.compile`` arguments (``backend``, ``mode``, ``dynamic``,
+            ``fullgraph``).
     """
 
     activation_checkpointing: bool | list[str]
@@ -63,6 +68,7 @@ class PerfSettings:
     vision_cache_dir: str | None
     vision_cache_dtype: str | None
     cache_text_features: bool
+    compile: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
         ckpt = self.activation_checkpointing
@@ -89,6 +95,7 @@ class PerfSettings:
         if self.cache_vision_features == "disk" and not self.vision_cache_dir:
             raise ValueError("module.perf.vision_cache_dir must be set when cache_vision_features is 'disk'")
         self.cache_text_features = bool(self.cache_text_features)
+        compile_options(self.compile)  # a bad value fails here, naming the key
 
     @property
     def checkpoint_components(self) -> list[str]:
@@ -96,6 +103,11 @@ class PerfSettings:
         if ckpt is True:
             return list(ENCODERS)
         return list(ckpt) if ckpt else []
+
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        """``torch.compile`` keyword arguments, or None when ``compile`` is off."""
+        return compile_options(self.compile)
 
     @property
     def cache_dtype(self) -> torch.dtype | None:

@@ -46,6 +46,7 @@ from sam3lora.perf import (
     prepare_low_precision_base,
     set_activation_checkpointing,
 )
+from sam3lora.perf.compile import set_compile
 from sam3lora.perf.feature_cache import transform_fingerprint
 from sam3lora.training.schedule import ScheduleSettings
 
@@ -168,6 +169,7 @@ class Sam3LoRAModule(L.LightningModule):
         if perf.cache_text_features:
             check_frozen(self.model, "text_encoder", "module.perf.cache_text_features")
             self.text_cache = TextFeatureCache()
+        set_compile(self.model, self.criterion, perf.compile_options)
         self.perf = perf
 
     def setup(self, stage: str) -> None:
