@@ -18,6 +18,7 @@ demo's (``PRETRAIN_CATEGORIES`` vs the demo's), and keeps the weights of the bes
     python scripts/pretrain_tiny.py --state runs/pre --steps 20000 --budget 3000       # first session
     python scripts/pretrain_tiny.py --state runs/pre --resume --budget 3000            # every later one
     python scripts/pretrain_tiny.py --benchmark 5 --batch-size 8                      # image passes/s here
+    python scripts/pretrain_tiny.py --state runs/pre --resume --evaluate              # metrics of the last state
     python scripts/pretrain_tiny.py --weights runs/pre/best.safetensors \\
         --record runs/pre/history.json --out sam3lora/assets/tiny-pretrained           # ship the best weights
 """
@@ -259,6 +260,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="when the run completes, write the best weights as a preset directory here")
     p.add_argument("--benchmark", type=int, default=None, metavar="STEPS",
                    help="print image passes/s over STEPS training steps (JSON) and exit; nothing is written")
+    p.add_argument("--evaluate", action="store_true",
+                   help="with --resume: validate the run's last state, print the metrics (JSON) and exit")
     p.add_argument("--weights", type=Path, default=None,
                    help="no training: package these weights (a run's best.safetensors) as --out")
     p.add_argument("--record", type=Path, default=None, help="with --weights: a JSON of facts (history.json)")
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.benchmark is None:
         if state_dir is None:
             raise SystemExit("--state DIR is needed (where the run is kept), or --benchmark / --weights")
+        if args.evaluate and not args.resume:
+            raise SystemExit("--evaluate needs --resume (it validates the run's last state)")
         if args.resume:
             if not (state_dir / STATE_FILE).is_file():
                 raise SystemExit(f"--resume: {state_dir / STATE_FILE} does not exist")
@@ -321,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         del state
+        if args.evaluate:
+            metrics = trainer.validate(val)
+            print(json.dumps({"variant": meta.get("variant", "tiny"), "step": trainer.step,
+                              "images_seen": trainer.images_seen, "train_seconds": round(trainer.seconds),
+                              "val_images": len(val), **metrics}), flush=True)
+            return
     elif args.init is not None:
         load_weights(trainer.module.model, args.init)
     trainer.meta = meta

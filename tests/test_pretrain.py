@@ -146,7 +146,8 @@ def script() -> ModuleType:
     return module
 
 
-def test_script_sessions_add_up(script: ModuleType, cache: Path, tmp_path: Path) -> None:
+def test_script_sessions_add_up(script: ModuleType, cache: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     common = ["--state", str(run), "--train", "4", "--val", "2", "--batch-size", "2", "--cache", str(cache),
               "--val-every", "1", "--device", "cpu"]
@@ -163,6 +164,12 @@ def test_script_sessions_add_up(script: ModuleType, cache: Path, tmp_path: Path)
     preset = Sam3Model.from_pretrained(tmp_path / "preset")
     assert preset.config.vision_config.backbone_config.patch_size == tiny_arch("tiny-fast").patch
     assert load_state(run / "state.pt")["step"] == 2
+    capsys.readouterr()
+    script.main([*common, "--resume", "--evaluate"])  # validates the last state, writes nothing
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["step"] == 2 and metrics["val_images"] == 2 and 0 <= metrics["val/iou"] <= 1
+    assert load_state(run / "state.pt")["step"] == 2 and len(json.loads((run / "history.json").read_text())
+                                                               ["record"]["sessions"]) == 2
 
 
 def test_fast_variant_is_ten_times_cheaper_and_the_shipped_base_still_loads() -> None:
