@@ -380,18 +380,18 @@ def make_batches(module: Any, config: dict[str, Any], args: argparse.Namespace, 
 
 def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp: Path) -> Any:
     """Apply the configuration's perf switches; returns the recompute-FLOP counter when checkpointing."""
-    from sam3lora.perf import FeatureCacheError, PerfSettings, RecomputeFlops, set_activation_checkpointing
+    from sam3lora.config import defaults
+    from sam3lora.perf import FeatureCacheError, RecomputeFlops, set_activation_checkpointing
 
     vision = config.get("vision_cache", "off")
     if vision != "off" and config.get("path") == "repeated":
         raise SkipConfig("vision cache with the repeated-image path")
-    settings = PerfSettings(
+    settings = defaults(  # conf/module/default.yaml's switches (all off) with this configuration's
+        "module/default.perf",
         activation_checkpointing=config.get("ckpt", False),
         cache_vision_features=False if vision == "off" else vision,
         vision_cache_dir=str(tmp / "vision_cache") if vision == "disk" else None,
-        vision_cache_dtype=None,
         cache_text_features=bool(config.get("text_cache", False)),
-        compile=False,
     )
     try:
         module.configure_perf(settings)

@@ -28,7 +28,7 @@ from sam3lora.perf import (
     VisionFeatureCache,
     check_deterministic,
 )
-from sam3lora.perf.checkpointing import ENCODERS, checkpoint_layers, checkpointed_components
+from sam3lora.perf.checkpointing import CHECKPOINTABLE, ENCODERS, checkpoint_layers, checkpointed_components
 from sam3lora.perf.synthetic import synthetic_batch
 from sam3lora.training.app import ConfigError, run
 from sam3lora.training.module import Sam3LoRAModule
@@ -319,11 +319,81 @@ def test_perf_settings_validate_their_values() -> None:
     assert perf(cache_vision_features=True).cache_vision_features == "memory"
     heads = ["detr_encoder", "detr_decoder", "mask_decoder"]
     assert perf(activation_checkpointing=heads).checkpoint_components == heads
+    assert perf(activation_checkpointing="auto").checkpoint_components == []  # planned on the first batch
     for bad in (dict(activation_checkpointing=["pixel_decoder"]), dict(activation_checkpointing="all"),
-                dict(cache_vision_features="ram"),
+                dict(cache_vision_features="ram"), dict(base_dtype="int8"), dict(memory_budget_gb=0),
                 dict(cache_vision_features="disk"), dict(vision_cache_dtype="int8")):
         with pytest.raises(ValueError, match="module.perf"):
             perf(**bad)
+
+
+# ----------------------------------------------------------------------------------------------- checkpointing auto
+
+#: a made-up table (bytes and FLOPs per image at 224 px, fp32, 4 prompts) whose best choice is known
+AUTO_TABLE = {"image_size": 224, "prompts": 4, "dtype": "float32", "presets": {"balanced": {
+    "plain": {"vision_encoder": 10e6, "detr_encoder": 10e6, "detr_decoder": 10e6, "mask_decoder": 40e6, "loss": 5e6},
+    "checkpointed": {"vision_encoder": 1e6, "detr_encoder": 1e6, "detr_decoder": 1e6, "mask_decoder": 5e6,
+                     "loss": 5e6},
+    "forward_flops": {"vision_encoder": 100e9, "detr_encoder": 10e9, "detr_decoder": 20e9, "mask_decoder": 50e9},
+}}}
+
+
+def test_auto_checkpointing_takes_the_cheapest_set_that_fits() -> None:
+    from sam3lora.perf.memory_plan import PEAK_FACTOR, MemoryPlanError, MemoryTable, choose, estimate_bytes
+
+    table = MemoryTable(**AUTO_TABLE)
+    f32 = torch.float32
+    need = {c: PEAK_FACTOR * estimate_bytes(table, "balanced", c, 2, 8, 224, f32)
+            for c in [(), ("detr_encoder", "detr_decoder"), ("mask_decoder",)]}
+    assert need[()] == PEAK_FACTOR * 2 * 75e6  # 2 images, 4 rows each, as measured
+    # bfloat16 halves it, 448 px quadruples it, 8 rows per image double everything but the vision encoder
+    assert estimate_bytes(table, "balanced", (), 2, 8, 224, torch.bfloat16) == need[()] / PEAK_FACTOR / 2
+    assert estimate_bytes(table, "balanced", (), 2, 8, 448, f32) == 4 * need[()] / PEAK_FACTOR
+    assert estimate_bytes(table, "balanced", (), 2, 16, 224, f32) == 2 * (75e6 + 65e6)
+    assert choose(table, "balanced", need[()], 2, 8, 224, f32).components == ()  # fits as it is: no recompute
+    # 18 MB per image must go: the two DETR stacks (30 GFLOP) beat the mask decoder (50) and the vision encoder
+    plan = choose(table, "balanced", need["detr_encoder", "detr_decoder"], 2, 8, 224, f32)
+    assert plan.components == ("detr_encoder", "detr_decoder") and plan.fits and plan.cost_flops == 2 * 30e9
+    assert choose(table, "balanced", need[("mask_decoder",)], 2, 8, 224, f32).components == ("mask_decoder",)
+    hopeless = choose(table, "balanced", 1e6, 2, 8, 224, f32)
+    assert not hopeless.fits and len(hopeless.components) == 4 and "NOT fit" in hopeless.describe()
+    with pytest.raises(MemoryPlanError, match="no row for preset 'full'"):
+        choose(table, "full", 1e9, 2, 8, 224, f32)
+    shipped = MemoryTable.load()  # the measured table in the package: every preset, every component
+    assert set(shipped.presets) == {"minimal", "balanced", "full"}
+    assert set(shipped.presets["balanced"]["forward_flops"]) >= set(CHECKPOINTABLE)
+
+
+def test_auto_checkpointing_plans_on_the_first_batch_and_keeps_the_gradients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    from sam3lora.perf import memory_plan
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(AUTO_TABLE))
+    monkeypatch.setattr(memory_plan, "TABLE", path)
+    module = build_module("lora=balanced", "++lora.init=false")
+    batch = batch_for(module, images=2, prompts=4)
+    plain_loss, plain_grads = loss_and_grads(module, batch)
+    table = memory_plan.MemoryTable.load(path)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    need = memory_plan.PEAK_FACTOR * memory_plan.estimate_bytes(
+        table, "balanced", ("detr_encoder", "detr_decoder"), 2, batch.num_rows, 224, torch.float32)
+    budget = need + trainable * memory_plan.TRAINABLE_STATE_BYTES
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: budget / (1 - memory_plan.RESERVE))  # injected
+    module.configure_perf(defaults("module/default.perf", activation_checkpointing="auto"))
+    assert checkpointed_components(module.model) == []
+    with caplog.at_level("INFO"):
+        auto_loss, auto_grads = loss_and_grads(module, batch)
+    assert module.checkpoint_plan.components == ("detr_encoder", "detr_decoder")
+    assert checkpointed_components(module.model) == ["detr_encoder", "detr_decoder"]
+    assert "activation_checkpointing auto: detr_encoder, detr_decoder" in caplog.text
+    assert_same_step(auto_loss, auto_grads, plain_loss, plain_grads)
+    again_loss, _ = loss_and_grads(module, batch)  # planned once
+    assert module.checkpoint_plan.components == ("detr_encoder", "detr_decoder")
+    torch.testing.assert_close(again_loss, plain_loss, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- bf16 base

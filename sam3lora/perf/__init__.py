@@ -21,6 +21,7 @@ from sam3lora.perf.feature_cache import (
     check_deterministic,
     check_frozen,
 )
+from sam3lora.perf.memory_plan import AUTO
 from sam3lora.perf.precision import base_autocast, prepare_low_precision_base
 
 __all__ = [
@@ -48,7 +49,12 @@ class PerfSettings:
         activation_checkpointing: recompute blocks in backward instead of keeping their activations.
             ``true`` = vision and text encoders (``ENCODERS``), or a list of components from ``CHECKPOINTABLE``
             (``vision_encoder``, ``text_encoder``, ``geometry_encoder``, ``detr_encoder``, ``detr_decoder``,
-            ``mask_decoder``).
+            ``mask_decoder``), or ``auto``: on the first training batch, the set with the least recomputation
+            whose estimated step memory fits ``memory_budget_gb`` (``sam3lora.perf.memory_plan``; printed).
+        memory_budget_gb: what ``auto`` plans for; null = the device's free memory less 10%.
+        base_dtype: null (the base as loaded, ``model.dtype``) or ``bfloat16 | float16``: the frozen base weights
+            cast to this dtype, trainable ones kept float32, the forward under autocast to it; no per-step weight
+            casts are saved for backward (``sam3lora.perf.precision.cast_frozen_base``).
         cache_vision_features: ``false | memory | disk`` (``true`` = memory). Compute each image's vision features
             once and reuse them in later epochs; needs a frozen, un-adapted vision encoder (``lora=minimal``) and
             deterministic training transforms.
@@ -68,13 +74,15 @@ class PerfSettings:
     vision_cache_dir: str | None
     vision_cache_dtype: str | None
     cache_text_features: bool
+    base_dtype: str | None
+    memory_budget_gb: float | None
     compile: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
         ckpt = self.activation_checkpointing
-        if isinstance(ckpt, str):
-            raise ValueError(f"module.perf.activation_checkpointing: true, false or a list of {CHECKPOINTABLE}")
-        if not isinstance(ckpt, bool):
+        if isinstance(ckpt, str) and ckpt != AUTO:
+            raise ValueError(f"module.perf.activation_checkpointing: true, false, auto or a list of {CHECKPOINTABLE}")
+        if not isinstance(ckpt, (bool, str)):
             ckpt = list(ckpt)
             unknown = sorted(set(ckpt) - set(CHECKPOINTABLE))
             if unknown:
@@ -95,14 +103,19 @@ class PerfSettings:
         if self.cache_vision_features == "disk" and not self.vision_cache_dir:
             raise ValueError("module.perf.vision_cache_dir must be set when cache_vision_features is 'disk'")
         self.cache_text_features = bool(self.cache_text_features)
+        if self.base_dtype is not None and self.base_dtype not in DTYPES:
+            raise ValueError(f"module.perf.base_dtype: null or one of {sorted(DTYPES)}, got {self.base_dtype!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"module.perf.memory_budget_gb: null or a positive number, got {self.memory_budget_gb!r}")
         compile_options(self.compile)  # a bad value fails here, naming the key
 
     @property
     def checkpoint_components(self) -> list[str]:
+        """The components to checkpoint now (none for ``auto`` until its plan is made)."""
         ckpt = self.activation_checkpointing
         if ckpt is True:
             return list(ENCODERS)
-        return list(ckpt) if ckpt else []
+        return list(ckpt) if ckpt and ckpt != AUTO else []
 
     @property
     def compile_options(self) -> dict[str, Any] | None:

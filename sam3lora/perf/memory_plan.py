@@ -30,6 +30,7 @@ from sam3lora.errors import Sam3LoRAError
 from sam3lora.perf.checkpointing import CHECKPOINTABLE
 
 TABLE = Path(__file__).with_name("memory_table.json")
+AUTO = "auto"  # the value of module.perf.activation_checkpointing that asks for a plan
 #: step memory / saved-for-backward bytes (H200, 1008 px, bf16, balanced: 1.19 off, 1.31 encoders checkpointed)
 PEAK_FACTOR = 1.35
 #: share of the free memory kept in reserve (allocator fragmentation, CUDA context growth)
@@ -57,7 +58,9 @@ class MemoryTable:
     source: str = ""
 
     @classmethod
-    def load(cls, path: str | Path = TABLE) -> MemoryTable:
+    def load(cls, path: str | Path | None = None) -> MemoryTable:
+        """The table at ``path`` (default: the shipped ``memory_table.json``)."""
+        path = TABLE if path is None else path
         try:
             data = json.loads(Path(path).read_text())
             table = cls(int(data["image_size"]), int(data["prompts"]), str(data["dtype"]), dict(data["presets"]),
@@ -214,3 +217,22 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
                               f"checkpointing off and all rows (got {sorted(shape)}, incomplete: {incomplete})")
     (prompts, dtype), = shape
     return MemoryTable(image_size, prompts, dtype, presets, source)
+
+
+def checkpoint_for_batch(model: nn.Module, batch: Any, budget_gb: float | None,
+                         base_dtype: torch.dtype | None = None, table: MemoryTable | None = None) -> Plan:
+    """Resolve ``activation_checkpointing: auto`` on the first training batch (a ``Sam3Batch``): plan for its
+    images, rows and size in the compute dtype (autocast's, else ``base_dtype``, else float32) on its device, and
+    switch checkpointing on for the chosen components."""
+    from sam3lora.perf.checkpointing import set_activation_checkpointing
+
+    device = batch.pixel_values.device
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    else:
+        dtype = base_dtype or torch.float32
+    plan = plan_for(model, batch.num_images, batch.num_rows, int(batch.pixel_values.shape[-1]), dtype, device,
+                    budget_gb, table)
+    if plan.components:
+        set_activation_checkpointing(model, plan.components)
+    return plan
