@@ -1,10 +1,16 @@
-"""Adapters on disk in PEFT's own format, plus a sidecar that records which base they were trained on.
+"""Adapter identity: the hand-over format (a PEFT directory + sidecar) and the checks of training checkpoints.
 
 A saved adapter directory holds ``adapter_config.json`` + ``adapter_model.safetensors`` (plain
 ``peft.PeftModel.from_pretrained(base, dir)`` restores it with no sam3lora code) and ``sam3lora.json`` (base
 identity: name, architecture hash, weight hash; the LoRA settings). ``load_adapter`` checks that adapter and base
 agree before loading and that every tensor of the file ended up in the model, so a mismatch is an error instead
 of a model that silently loaded nothing.
+
+A Lightning checkpoint (``.ckpt``, for resuming) holds the trainable weights only (keys ``model.<peft name>``)
+plus ``checkpoint["sam3lora"] = {"base": base_fingerprint, "trainable": names, "lora": LoRA settings}``
+(``checkpoint_record``). ``Sam3LoRAModule.on_load_checkpoint`` (a resume) and the predictor (a ``.ckpt`` given
+as adapter) run the same ``check_checkpoint``; ``check_base`` is the one base check of adapter directories and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +33,16 @@ from sam3lora.io import atomic_dir
 from sam3lora.lora import unwrap_base
 
 SIDECAR = "sam3lora.json"
+CHECKPOINT_KEY = "sam3lora"  # the checkpoint entry written by ``checkpoint_record``
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 
 
-class AdapterMismatchError(Sam3LoRAError, ValueError):
+class AdapterLoadError(Sam3LoRAError, ValueError):
+    """An adapter (PEFT directory or sam3lora checkpoint) is missing, unreadable, malformed or incomplete."""
+
+
+class AdapterMismatchError(AdapterLoadError):
     """The adapter does not fit the base model it is being loaded into."""
 
 
@@ -76,6 +88,78 @@ def base_fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096)
     }
 
 
+def check_base(model: nn.Module, recorded: Mapping[str, Any], source: str | Path, check_weights: bool = True,
+               hint: str = "") -> None:
+    """Raise ``AdapterMismatchError`` (naming ``source``) if ``recorded`` (a ``base_fingerprint``) is not ``model``'s
+    base: architecture, and with ``check_weights`` the weights; a value recorded on one side only is not compared."""
+    here = base_fingerprint(model)
+    trained_on, this = f"trained on base {recorded.get('name_or_path')!r}", f"this base {here['name_or_path']!r}"
+    architecture = (recorded.get("architecture"), here["architecture"])
+    if None not in architecture and architecture[0] != architecture[1]:
+        raise AdapterMismatchError(
+            f"{source}: {trained_on} (architecture {architecture[0]}), but {this} has architecture "
+            f"{architecture[1]}: load it onto the base it was trained on"
+        )
+    weights = (recorded.get("weights"), here["weights"])
+    if check_weights and None not in weights and weights[0] != weights[1]:
+        raise AdapterMismatchError(
+            f"{source}: {trained_on} (weights {weights[0]}), but {this} has other base weights (weights "
+            f"{weights[1]}): load it onto the base it was trained on{hint}"
+        )
+
+
+def checkpoint_record(model: nn.Module, settings: Any, trainable: Iterable[str]) -> dict[str, Any]:
+    """The ``checkpoint["sam3lora"]`` entry of a training checkpoint: ``model``'s base fingerprint, the names of the
+    ``trainable`` weights it holds (a manifest) and the LoRA ``settings`` (a dataclass; None when unknown), plain
+    types only (``torch.load(weights_only=True)`` reads it)."""
+    lora = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else None
+    return {"base": base_fingerprint(model), "trainable": sorted(trainable), "lora": lora}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a sam3lora Lightning checkpoint (tensors and plain types only, ``weights_only=True``) on the CPU.
+
+    Raises ``AdapterLoadError`` naming ``path`` for an unreadable file, a file that is not a Lightning checkpoint
+    or one without the ``sam3lora`` entry.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors: report them all as "not a readable checkpoint"
+        raise AdapterLoadError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise AdapterLoadError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    checkpoint_info(checkpoint, path)
+    return dict(checkpoint)
+
+
+def checkpoint_info(checkpoint: Mapping[str, Any], source: str | Path) -> Mapping[str, Any]:
+    """``checkpoint["sam3lora"]`` (see ``checkpoint_record``); ``AdapterLoadError`` when there is none."""
+    info = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(info, Mapping) or not isinstance(info.get("base"), Mapping):
+        raise AdapterLoadError(f"{source}: checkpoint was not written by sam3lora (no 'sam3lora' entry): cannot "
+                               "verify it")
+    return info
+
+
+def check_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], expected: set[str], source: str | Path) -> None:
+    """Refuse a checkpoint made on another base than ``model``'s or whose ``state_dict`` keys are not exactly
+    ``expected`` (the trainable weights it must restore): ``AdapterLoadError`` / ``AdapterMismatchError``."""
+    check_base(model, checkpoint_info(checkpoint, source)["base"], source)
+    saved = set(checkpoint["state_dict"])
+    missing = sorted(expected - saved)
+    if missing:
+        raise AdapterMismatchError(
+            f"{source}: lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:3]}: it is incomplete "
+            "or was made with another LoRA preset"
+        )
+    extra = sorted(saved - expected)  # Lightning loads with strict_loading off: they would be dropped without a word
+    if extra:
+        raise AdapterMismatchError(
+            f"{source}: holds {len(extra)} weight(s) this model does not train, e.g. {extra[:3]}: it was made with "
+            "another LoRA preset"
+        )
+
+
 def save_adapter(
     model: PeftModel, out_dir: str | Path, settings: Any = None, overwrite: bool = True, run: Any = None
 ) -> Path:
@@ -109,20 +193,7 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool
     sidecar: dict[str, Any] = {}
     if (path / SIDECAR).is_file():
         sidecar = json.loads((path / SIDECAR).read_text())
-        recorded, actual = sidecar.get("base", {}), base_fingerprint(model)
-        if recorded.get("architecture") != actual["architecture"]:
-            raise AdapterMismatchError(
-                f"{path}: adapter was trained on base {recorded.get('name_or_path')!r} (architecture "
-                f"{recorded.get('architecture')}), but this base {actual['name_or_path']!r} has architecture "
-                f"{actual['architecture']}: load it onto the base it was trained on"
-            )
-        weights = (recorded.get("weights"), actual["weights"])
-        if check_weights and None not in weights and weights[0] != weights[1]:
-            raise AdapterMismatchError(
-                f"{path}: adapter was trained on other base weights ({recorded.get('name_or_path')!r}, "
-                f"weights {weights[0]}) than this base ({actual['name_or_path']!r}, weights {weights[1]}); "
-                "pass check_weights=False to load it anyway"
-            )
+        check_base(model, sidecar.get("base", {}), path, check_weights, hint=" (check_weights=False loads it anyway)")
     modules = dict(unwrap_base(model).named_modules())
     problems = []
     config = _read_adapter_config(path / "adapter_config.json")

@@ -18,6 +18,7 @@ from torch import nn
 #: Projection names a preset may target. ``o_proj`` also covers the CLIP text encoder's ``out_proj``; ``fc1``
 #: and ``fc2`` are the MLPs (in the mask decoder: the three-layer ``mask_embedder``).
 from sam3lora.errors import Sam3LoRAError
+from sam3lora.model.loading import meta_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 VARIANTS = ("lora", "dora", "rslora")
@@ -237,14 +238,23 @@ def lora_config(model: nn.Module, settings: LoraSettings) -> LoraConfig:
     )
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
-    """Wrap ``model`` with adapters; only adapters and ``modules_to_save`` remain trainable.
+def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with adapter ``adapter_name`` (on a ``PeftModel``: add it beside the adapters it holds); only
+    adapters and ``modules_to_save`` remain trainable.
 
     Raises ``LoraTargetError`` if PEFT adapted a different set of modules than ``plan`` intends.
     """
-    intended = {name for names in plan(model, settings).values() for name in names}
-    peft_model = get_peft_model(model, lora_config(model, settings))
-    adapted = set(adapted_modules(peft_model))
+    # the plan matches plain Linear layers: a model that already holds adapters is planned on its architecture
+    # rebuilt on the meta device (no memory)
+    layout = meta_model(unwrap_base(model).config) if isinstance(model, PeftModel) else model
+    intended = {name for names in plan(layout, settings).values() for name in names}
+    config = lora_config(layout, settings)
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        peft_model = model
+    else:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    adapted = set(adapted_modules(peft_model, adapter_name))
     if adapted != intended:
         raise LoraTargetError(
             f"PEFT adapted {len(adapted)} modules but {len(intended)} were intended; "
@@ -253,10 +263,14 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     return peft_model
 
 
-def adapted_modules(peft_model: PeftModel) -> list[str]:
-    """Names (relative to the base model) of the modules that carry a LoRA adapter."""
+def adapted_modules(peft_model: PeftModel, adapter_name: str | None = None) -> list[str]:
+    """Names (relative to the base model) of the modules that carry a LoRA adapter (``adapter_name``, or any)."""
     base = peft_model.get_base_model()
-    return [name for name, module in base.named_modules() if hasattr(module, "lora_A") and len(module.lora_A)]
+    return [
+        name
+        for name, module in base.named_modules()
+        if hasattr(module, "lora_A") and (adapter_name in module.lora_A if adapter_name else len(module.lora_A))
+    ]
 
 
 def component_of(param_name: str) -> str:

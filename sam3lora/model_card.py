@@ -349,7 +349,7 @@ def read_adapter_facts(adapter: str | Path) -> dict[str, Any]:
         sidecar = path / SIDECAR
         return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if path.is_file():
-        from sam3lora.inference.loading import read_checkpoint
+        from sam3lora.adapter import read_checkpoint
 
         info = read_checkpoint(path).get("sam3lora") or {}
         return {"base": portable_fingerprint(info.get("base") or {}), "lora": info.get("lora")}

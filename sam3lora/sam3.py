@@ -26,13 +26,11 @@ PROBABILITIES (masks differ at edges), keeps scores > threshold in query order, 
 long masks.
 """
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Sam3Processor
+from transformers import PreTrainedTokenizerBase, Sam3Processor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput, Sam3VisionEncoderOutput
 
 PAD_LABEL = -10  # label of a padding box: masked out, but the geometry encoder still adds its CLS token
@@ -41,7 +39,7 @@ VISUAL_PROMPT = "visual"  # the text SAM 3 pairs with box-only prompts (as Sam3P
 MASK_CHUNK = 16  # masks upsampled per step (bounds memory at large image sizes)
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The processor's tokenizer on ``texts`` -> ``input_ids``, ``attention_mask`` long (N, TEXT_LENGTH)."""
     enc = tokenizer(list(texts), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="pt")
     return enc["input_ids"].long(), enc["attention_mask"].long()
@@ -88,7 +86,7 @@ def sam3_rows(
     model: torch.nn.Module,
     inputs: dict[str, torch.Tensor],
     vision: Sam3VisionEncoderOutput | None = None,
-    text_embeds: Any = None,
+    text_embeds: BaseModelOutputWithPooling | None = None,
 ) -> Sam3ImageSegmentationOutput:
     """``model``'s raw outputs for the R rows of ``inputs`` (``sam3_inputs`` or a training batch), with grad.
 

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from PIL import Image
 from torch import nn
 
 from sam3lora.config import defaults
@@ -330,22 +331,34 @@ def test_an_empty_validation_batch_logs_val_loss_with_weight_zero(synthetic_root
 
 
 def test_training_forward_equals_the_prediction_forward(synthetic_root: Path, batches: dict) -> None:
-    """One SAM 3 contract: the module (training code, eval mode) and ``sam3lora.sam3`` (prediction, the model
-    card's snippet) give identical outputs for the same weights and batch, and tokenise prompts the same way."""
+    """One SAM 3 contract: the module (training code: eval and training mode, DAC hooks, text-feature cache) and
+    ``sam3lora.sam3`` (prediction, the model card's snippet) give identical outputs for the same weights and batch,
+    and tokenise prompts and pad text-only rows the same way."""
     from sam3lora import sam3 as plain
 
     module = build_module(compose_cfg(synthetic_root))
-    module.eval()
+    assert module.use_dac  # training steps run the DAC hooks and the o2m copy on top of the shared forward
     batch = batches["val"]
-    with torch.no_grad():
-        ours = module(batch)
-    inputs = {"pixel_values": batch.pixel_values, "image_index": batch.image_index, "input_ids": batch.input_ids,
-              "attention_mask": batch.attention_mask, "input_boxes": batch.input_boxes,
-              "input_boxes_labels": batch.input_boxes_labels}
-    scores, boxes, masks = plain.sam3_forward(module.model, inputs)
-    assert torch.equal(scores, ours["pred_logits"].sigmoid() * ours["presence_logits"].sigmoid())
-    assert torch.equal(boxes, ours["pred_boxes"]) and torch.equal(masks, ours["pred_masks"])
+    scores, boxes, masks = plain.sam3_forward(module.model, batch.model_inputs())
+    off = module.perf  # the configured switches: no feature cache
+    assert not off.cache_text_features
+    text_cache = dataclasses.replace(off, cache_text_features=True)
+    for training, perf in ((False, off), (True, off), (False, text_cache)):
+        module.train(training)
+        for dropout in (m for m in module.modules() if isinstance(m, nn.Dropout)):
+            dropout.eval()  # training mode (DAC on), without the randomness
+        module.configure_perf(perf)
+        with torch.no_grad():
+            ours = module(batch)
+        assert ("o2m" in ours) == training
+        assert torch.equal(scores, plain.sam3_scores(ours["pred_logits"], ours["presence_logits"]))
+        assert torch.equal(boxes, ours["pred_boxes"]) and torch.equal(masks, ours["pred_masks"])
     tokens = batches["processor"].tokenizer(list(batch.prompts), padding="max_length", max_length=plain.TEXT_LENGTH,
                                             truncation=True, return_tensors="pt")
     assert torch.equal(tokens["input_ids"], batch.input_ids)
-    assert (batch.input_boxes_labels == plain.PAD_LABEL).any()
+    # a text-only training row is the row prediction builds for that text: same tokens, one padding box
+    r = int(torch.nonzero((batch.input_boxes_labels == plain.PAD_LABEL).all(-1))[0])
+    image = Image.new("RGB", (64, 48))
+    row = plain.sam3_inputs(batches["processor"], [image], [(batch.prompts[r], [])])
+    assert torch.equal(row["input_ids"][0], batch.input_ids[r]) and row["input_boxes_labels"].tolist() == [[-10]]
+    assert torch.equal(row["input_boxes"][0, 0], torch.zeros(4))

@@ -248,6 +248,21 @@ def test_checkpoint_missing_a_weight_is_refused(adapters, tmp_path):
         Sam3LoRAPredictor.from_pretrained("tiny", tmp_path / "junk.ckpt")
 
 
+def test_a_checkpoint_goes_through_the_checks_of_a_resume(adapters, tmp_path):
+    """The predictor checks a ``.ckpt`` with the function ``Sam3LoRAModule.on_load_checkpoint`` runs: weights it
+    does not expect are refused (a resume with ``strict_loading`` off would drop them without a word)."""
+    ckpt = torch.load(adapters / "a.ckpt", weights_only=True)
+    ckpt["state_dict"]["model.base_model.model.no_such_module.lora_A.default.weight"] = torch.zeros(4, 4)
+    torch.save(ckpt, tmp_path / "extra.ckpt")
+    with pytest.raises(AdapterMismatchError, match=r"extra.ckpt: holds 1 weight\(s\) this model does not train"):
+        Sam3LoRAPredictor.from_pretrained("tiny", tmp_path / "extra.ckpt")
+    del ckpt["state_dict"]["model.base_model.model.no_such_module.lora_A.default.weight"]
+    ckpt["sam3lora"]["lora"] = None  # a checkpoint of a module built without LoRA settings
+    torch.save(ckpt, tmp_path / "unset.ckpt")
+    with pytest.raises(AdapterLoadError, match="records no LoRA settings"):
+        Sam3LoRAPredictor.from_pretrained("tiny", tmp_path / "unset.ckpt")
+
+
 def test_adapter_for_another_base_is_refused(tmp_path):
     other = make_adapter(tmp_path / "other", seed=3, base_seed=1)  # trained on tiny with other base weights
     make_checkpoint(tmp_path / "other.ckpt", other)

@@ -53,6 +53,11 @@ class Sam3Batch:
     def num_rows(self) -> int:
         return int(self.image_index.shape[0])
 
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors ``Sam3Model`` takes, keyed as ``sam3lora.sam3.sam3_inputs`` (``sam3_rows`` runs them)."""
+        names = ("pixel_values", "image_index", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels")
+        return {name: getattr(self, name) for name in names}
+
     def rows_of_image(self, i: int) -> torch.Tensor:
         """Long (r,) indices of the rows of image ``i``."""
         return torch.nonzero(self.image_index == i).flatten()

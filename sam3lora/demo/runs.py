@@ -77,7 +77,7 @@ def _recorded_base(adapter: Path) -> str | None:
         if adapter.is_dir():
             info = json.loads((adapter / "sam3lora.json").read_text()).get("base", {})
         else:
-            from sam3lora.inference.loading import read_checkpoint
+            from sam3lora.adapter import read_checkpoint
 
             info = read_checkpoint(adapter)["sam3lora"]["base"]
     except (OSError, ValueError, KeyError, AttributeError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+__all__ = ["AdapterLoadError", "ImageReadError", "PredictorError", "PromptError"]
+
+from sam3lora.adapter import AdapterLoadError  # adapter identity lives in sam3lora.adapter
 from sam3lora.errors import Sam3LoRAError
 
 
@@ -20,7 +23,3 @@ class ImageReadError(PredictorError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}")
-
-
-class AdapterLoadError(PredictorError):
-    """An adapter (PEFT directory or Lightning checkpoint) is missing, malformed or incomplete."""

@@ -22,6 +22,7 @@ from transformers import Sam3Model, Sam3Processor
 
 from sam3lora.inference.errors import PredictorError
 from sam3lora.io import write_whole
+from sam3lora.sam3 import PAD_LABEL, tokenize
 
 INPUTS = ("pixel_values", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels")
 OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")
@@ -63,17 +64,17 @@ def check_onnx_available() -> None:
         )
 
 
-def sample_inputs(processor: Sam3Processor, label: int = -10, seed: int = 0) -> dict[str, torch.Tensor]:
+def sample_inputs(processor: Sam3Processor, label: int = PAD_LABEL, seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs of one row at the processor's size: a random image, a text, one box slot with ``label``
-    (-10: padding, i.e. text only, with a zero box; 1 / 0: a positive / negative exemplar box)."""
+    (``PAD_LABEL``: padding, i.e. text only, with a zero box; 1 / 0: a positive / negative exemplar box)."""
     size = processor.image_processor.size
     g = torch.Generator().manual_seed(seed)
-    tokens = processor.tokenizer(["object"], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-    box = torch.zeros(1, 1, 4) if label == -10 else torch.tensor([[[0.5, 0.5, 0.3, 0.3]]])
+    input_ids, attention_mask = tokenize(processor.tokenizer, ["object"])
+    box = torch.zeros(1, 1, 4) if label == PAD_LABEL else torch.tensor([[[0.5, 0.5, 0.3, 0.3]]])
     return {
         "pixel_values": torch.randn(1, 3, int(size["height"]), int(size["width"]), generator=g),
-        "input_ids": tokens["input_ids"],
-        "attention_mask": tokens["attention_mask"],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "input_boxes": box,
         "input_boxes_labels": torch.tensor([[label]]),
     }
@@ -118,7 +119,7 @@ def _verify(wrapper: _RowForward, processor: Sam3Processor, path: Path) -> float
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for seed, label in ((1, -10), (2, 1), (3, 0)):
+    for seed, label in ((1, PAD_LABEL), (2, 1), (3, 0)):
         inputs = sample_inputs(processor, label=label, seed=seed)
         got = session.run(list(OUTPUTS), {k: v.numpy() for k, v in inputs.items()})
         with torch.no_grad():

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from sam3lora.adapter import save_adapter
 from sam3lora.io import atomic_file
 from sam3lora.model_card import run_facts
+from sam3lora.sam3 import sam3_scores
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -203,7 +204,7 @@ class TrainingPlots(L.Callback):
         mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
         std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
         threshold = pl_module.metric_settings.score_threshold
-        scores = (outputs["pred_logits"].sigmoid() * outputs["presence_logits"].sigmoid()).float().cpu()
+        scores = sam3_scores(outputs["pred_logits"], outputs["presence_logits"]).float().cpu()
         size = batch.pixel_values.shape[-2:]
         positive = [r for r, t in enumerate(batch.targets) if len(t["boxes"])]
         negative = [r for r, t in enumerate(batch.targets) if not len(t["boxes"])]

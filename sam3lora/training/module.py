@@ -13,7 +13,6 @@ are detached and would cut that path.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from torchvision.ops import box_convert
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inverse_sigmoid
 
-from sam3lora.adapter import base_fingerprint
+from sam3lora.adapter import CHECKPOINT_KEY, base_fingerprint, check_checkpoint, checkpoint_record
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.lora import component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
@@ -51,6 +50,7 @@ from sam3lora.perf.compile import set_compile
 from sam3lora.perf.feature_cache import transform_fingerprint
 from sam3lora.perf.memory_plan import AUTO, Plan, checkpoint_for_batch
 from sam3lora.perf.precision import cast_frozen_base
+from sam3lora.sam3 import sam3_rows, sam3_scores
 from sam3lora.training.schedule import ScheduleSettings
 
 
@@ -229,41 +229,32 @@ class Sam3LoRAModule(L.LightningModule):
         with base_autocast(self._low_precision, batch.pixel_values.device):
             return self._forward(batch)
 
-    def _vision_features(self, batch: Sam3Batch) -> Sam3VisionEncoderOutput:
-        """Features of the I images (``fpn_*`` tuples of (I,C,h,w)): computed, or from the vision cache."""
+    def _cached_vision(self, batch: Sam3Batch) -> Sam3VisionEncoderOutput | None:
+        """Features of the I images (``fpn_*`` tuples of (I,C,h,w)) from the vision cache; None without a cache
+        (``sam3_rows`` then runs the vision encoder)."""
         if self.vision_cache is None:
-            return self.model.get_vision_features(pixel_values=batch.pixel_values)
+            return None
         stage = "train" if self.training else "val"
         return self.vision_cache.features(self.model, batch.pixel_values, batch.image_ids, stage)
 
-    def _text_inputs(self, batch: Sam3Batch) -> dict[str, Any]:
-        """``input_ids`` for Sam3Model, or ``text_embeds`` built from cached text-encoder outputs (R,32,D)."""
+    def _cached_text(self, batch: Sam3Batch) -> BaseModelOutputWithPooling | None:
+        """``text_embeds`` for Sam3Model built from cached text-encoder outputs (R,32,D); None without a cache."""
         if self.text_cache is None:
-            return {"input_ids": batch.input_ids}
+            return None
         base = self.base_model
         hidden = self.text_cache(base.text_encoder, batch.input_ids, batch.attention_mask)
         # as Sam3Model.get_text_features: the projection of the last hidden state (it may be trained, so not cached)
         embeds = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=base.text_projection(hidden))
-        return {"text_embeds": embeds}
+        return embeds
 
     def _forward(self, batch: Sam3Batch) -> dict[str, Any]:
         dac = self.use_dac and self.training  # the DAC copy exists in training steps only, as in the official model
         if dac:
             self._prepare_dac()
-        vision = self._vision_features(batch)  # once per image
-        idx = batch.image_index
-        per_row = Sam3VisionEncoderOutput(
-            fpn_hidden_states=tuple(t[idx] for t in vision.fpn_hidden_states),
-            fpn_position_encoding=tuple(t[idx] for t in vision.fpn_position_encoding),
-        )
+        vision = self._cached_vision(batch)
         self._captured.clear()
-        out = self.model(
-            vision_embeds=per_row,
-            **self._text_inputs(batch),
-            attention_mask=batch.attention_mask,
-            input_boxes=batch.input_boxes,
-            input_boxes_labels=batch.input_boxes_labels,
-        )
+        # the contract's forward (as prediction runs it): vision once per image, indexed per row
+        out = sam3_rows(self.model, batch.model_inputs(), vision=vision, text_embeds=self._cached_text(batch))
         layer_logits = self._captured["layer_logits"].squeeze(-1)  # (L,R,Q)
         layer_presence = self._captured["decoder"].presence_logits  # (L,R,1)
         offsets = self._captured["box_offsets"]  # (L,R,Q,4): box_head on every layer's hidden states
@@ -355,7 +346,7 @@ class Sam3LoRAModule(L.LightningModule):
     ) -> None:
         """Feed every row to the metric accumulators, masks compared at the batch's S x S resolution."""
         settings = self.metric_settings
-        scores = outputs["pred_logits"].sigmoid() * outputs["presence_logits"].sigmoid()  # (R,Q)
+        scores = sam3_scores(outputs["pred_logits"], outputs["presence_logits"])  # (R,Q)
         size = batch.pixel_values.shape[-2:]
         mask_logit = torch.logit(torch.tensor(settings.mask_threshold)).item()
         for r, target in enumerate(batch.targets):
@@ -449,35 +440,13 @@ class Sam3LoRAModule(L.LightningModule):
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable weights (megabytes, not the gigabytes of the frozen base) plus the base identity."""
+        """Keep only trainable weights (megabytes, not the gigabytes of the frozen base) plus the base identity and
+        LoRA settings (``sam3lora.adapter.checkpoint_record``)."""
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        lora = dataclasses.asdict(self.lora_settings) if dataclasses.is_dataclass(self.lora_settings) else None
-        checkpoint["sam3lora"] = {"base": base_fingerprint(self.model), "trainable": sorted(keep), "lora": lora}
+        checkpoint[CHECKPOINT_KEY] = checkpoint_record(self.model, self.lora_settings, keep)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint made on another base, or one that lacks any trainable weight of this model."""
-        info = checkpoint.get("sam3lora")
-        if info is None:
-            raise ValueError("checkpoint was not written by sam3lora (no 'sam3lora' entry): cannot verify it")
-        here = base_fingerprint(self.model)
-        recorded = info["base"]
-        for key in ("architecture", "weights"):
-            if None not in (recorded.get(key), here[key]) and recorded[key] != here[key]:
-                raise ValueError(
-                    f"checkpoint was trained on base {recorded.get('name_or_path')!r} ({key} {recorded[key]}), "
-                    f"but this model's base is {here['name_or_path']!r} ({key} {here[key]})"
-                )
-        trainable, saved = self.trainable_names(), set(checkpoint["state_dict"])
-        missing = sorted(trainable - saved)
-        if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} trainable weight(s) of this model, e.g. {missing[:3]}: it was "
-                "made with another LoRA preset"
-            )
-        extra = sorted(saved - trainable)  # strict_loading is off: they would be dropped without a word
-        if extra:
-            raise ValueError(
-                f"checkpoint holds {len(extra)} weight(s) this model does not train, e.g. {extra[:3]}: it was made "
-                "with another LoRA preset"
-            )
+        """Refuse a checkpoint made on another base, or one whose weights are not exactly this model's trainable
+        ones (``sam3lora.adapter.check_checkpoint``, which the predictor runs on a ``.ckpt`` too)."""
+        check_checkpoint(self.model, checkpoint, self.trainable_names(), source="checkpoint")
