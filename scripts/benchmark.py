@@ -86,9 +86,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 
 # axis name -> (CLI option, parser); the grid's order puts the model-building axes first, batch size last
 AXES: dict[str, tuple[str, ...]] = {
-    "train": ("preset", "base_dtype", "precision", "ckpt", "vision_cache", "text_cache", "mask_loss", "o2m", "path",
-              "prompts", "batch"),
-    "predict": ("preset", "base_dtype", "precision", "text_cache", "merge", "path", "prompts", "batch"),
+    "train": ("preset", "base_dtype", "precision", "ckpt", "vision_cache", "text_cache", "compile", "mask_loss", "o2m",
+              "path", "prompts", "batch"),
+    "predict": ("preset", "base_dtype", "precision", "text_cache", "compile", "merge", "path", "prompts", "batch"),
     "data": ("transforms", "workers", "batch"),
     "loss": ("mask_loss", "prompts", "batch"),
     "memory": ("preset", "base_dtype", "precision", "ckpt", "o2m", "mask_loss", "prompts", "batch"),
@@ -122,6 +122,14 @@ def _switch(text: str) -> bool:
     if text in ("off", "false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _compile(text: str) -> bool | str:
+    """``off`` / ``on`` (``module.perf.compile``: inductor) or a ``torch.compile`` backend name (``aot_eager``)."""
+    try:
+        return _switch(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
 def _checkpointing(text: str) -> bool | list[str]:
@@ -167,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-cache", type=_list(str), default=["off"], help="off | memory | disk (train mode; "
                         "presets with a frozen vision encoder only)")
     parser.add_argument("--text-cache", type=_list(_switch), default=[False], metavar="off,on")
+    parser.add_argument("--compile", type=_list(_compile), default=[False], metavar="off,on,BACKEND",
+                        help="module.perf.compile: torch.compile of the heads and the loss (warm-up steps compile)")
     parser.add_argument("--mask-loss", type=_list(str), default=["full"], help="full | points (loss.mask_loss)")
     parser.add_argument("--o2m", type=_list(_switch), default=[True], metavar="on,off",
                         help="train: one-to-many (DAC) queries and their loss terms (loss.o2m.enabled)")
@@ -239,6 +249,7 @@ def axis_values(args: argparse.Namespace) -> dict[str, list[Any]]:
     return {
         "preset": args.presets, "base_dtype": args.base_dtype, "precision": args.precision,
         "ckpt": args.activation_checkpointing, "vision_cache": args.vision_cache, "text_cache": args.text_cache,
+        "compile": args.compile,
         "mask_loss": args.mask_loss, "o2m": args.o2m, "path": args.vision_path, "prompts": args.prompts,
         "batch": args.batch_sizes,
         "merge": args.merge, "workers": args.workers, "transforms": args.transforms,
@@ -386,12 +397,14 @@ def configure(module: Any, config: dict[str, Any], args: argparse.Namespace, tmp
     vision = config.get("vision_cache", "off")
     if vision != "off" and config.get("path") == "repeated":
         raise SkipConfig("vision cache with the repeated-image path")
+    compiled = config.get("compile", False)
     settings = defaults(  # conf/module/default.yaml's switches (all off) with this configuration's
         "module/default.perf",
         activation_checkpointing=config.get("ckpt", False),
         cache_vision_features=False if vision == "off" else vision,
         vision_cache_dir=str(tmp / "vision_cache") if vision == "disk" else None,
         cache_text_features=bool(config.get("text_cache", False)),
+        compile={"backend": compiled} if isinstance(compiled, str) else compiled,
     )
     try:
         module.configure_perf(settings)
