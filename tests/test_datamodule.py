@@ -243,12 +243,14 @@ def test_up_front_checks_refuse_every_problem_or_skip_exactly_the_bad_samples(pr
         make_dm(processor, root.parent, batch_size=2, on_bad_sample="raise")
     got = sorted((i.id, i.message.split(" ")[0], i.sample) for i in err.value.issues)
     assert len(got) == 4 and {g[2] for g in got} == {ids[0], ids[2], ids[3], None}
-    with caplog.at_level(logging.WARNING, logger="sam3lora.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="sam3lora.data"):
         dm = make_dm(processor, root.parent, batch_size=2, on_bad_sample="skip")
         batches = list(dm.train_dataloader())
     assert sorted(dm.train_dataset.known_bad) == [0, 2, 3]
     assert dm.train_dataset.bad_count() == 3
-    assert "train split: skipped 3 bad sample(s) this epoch" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="sam3lora.data"):
+        dm.teardown("fit")  # the last pass's count (earlier ones: when the next pass starts)
+    assert "train split, epoch 1: skipped 3 bad sample(s)" in caplog.text
     assert "unknown category id 99" in caplog.text
     assert "ignored (on_bad_sample=skip)" in caplog.text and "missing image id 4242" in caplog.text
     seen = [i for b in batches for i in b.image_ids.tolist()]
@@ -262,16 +264,17 @@ def test_up_front_checks_refuse_every_problem_or_skip_exactly_the_bad_samples(pr
 def test_bad_sample_skip_logs_and_counts(processor, data_dir, tmp_path, caplog):
     root, gone_train, gone_val, gone_id = _broken_copy(data_dir, tmp_path)
     dm = make_dm(processor, root, batch_size=3, on_bad_sample="skip")
-    with caplog.at_level(logging.WARNING, logger="sam3lora.data.datamodule"):
+    with caplog.at_level(logging.WARNING, logger="sam3lora.data"):
         train = list(dm.train_dataloader())
         val = list(dm.val_dataloader())
+        dm.teardown("fit")
     assert [b.num_images for b in train] == [3, 3]  # training replaces the bad image by the next one
     assert sum(b.num_images for b in val) == 2  # validation drops it
     assert gone_id not in [i for b in val for i in b.image_ids.tolist()]
     text = caplog.text
     assert str(gone_train) in text and str(gone_val) in text and "image file not found" in text
-    assert "train split: skipped 1 bad sample(s) this epoch" in text
-    assert "val split: skipped 1 bad sample(s) this epoch" in text
+    assert "train split, epoch 1: skipped 1 bad sample(s)" in text
+    assert "val split, epoch 1: skipped 1 bad sample(s)" in text
 
 
 class TinyReader(DatasetReader):
@@ -352,6 +355,24 @@ def test_epoch_counter_advances_and_is_restored(processor, data_dir):
     resumed.load_state_dict({"epoch": 1})  # a checkpoint saved after the first epoch
     resumed.setup("fit")
     assert _same(first(resumed.train_dataloader()), e2)  # the second epoch, exactly
+
+
+def test_lightning_sets_the_epoch_through_the_sampler(processor, data_dir):
+    """Lightning calls ``set_epoch`` on the loader's sampler before each training epoch (0-based): that epoch's
+    pass is exactly the one a plain loop reaches, also after passes that ran without it; workers are seeded by
+    Lightning's ``pl_worker_init_function``."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    dm = make_dm(processor, data_dir, batch_size=6)
+    loader = dm.train_dataloader()
+    assert loader.worker_init_fn is pl_worker_init_function
+    e1, e2, _ = first(loader), first(loader), first(loader)
+    _set_sampler_epoch(loader, 1)  # Lightning's epoch 1 is the second pass, whatever ran before
+    assert _same(first(loader), e2) and dm.state_dict() == {"epoch": 2}
+    _set_sampler_epoch(loader, 0)
+    assert _same(first(loader), e1)
+    assert not _same(first(loader), e1)  # without set_epoch the next pass moves on
 
 
 @pytest.mark.parametrize("name", ["synthetic", "coco", "yolo"])

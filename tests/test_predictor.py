@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 
 from sam3lora.adapter import AdapterMismatchError, save_adapter
-from sam3lora.inference import AdapterLoadError, PredictorError, PromptError, Sam3LoRAPredictor
 from sam3lora.config import defaults
+from sam3lora.inference import AdapterLoadError, PredictorError, PromptError, Sam3LoRAPredictor
 from sam3lora.lora import LoraSettings, apply_lora
 from sam3lora.model import load_model
 

@@ -76,7 +76,7 @@ class PerfSettings:
     cache_text_features: bool
     base_dtype: str | None
     memory_budget_gb: float | None
-    compile: bool | dict[str, Any] = False
+    compile: bool | dict[str, Any]
 
     def __post_init__(self) -> None:
         ckpt = self.activation_checkpointing
