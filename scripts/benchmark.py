@@ -205,8 +205,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="memory: write the bytes-per-image table of checkpointing auto here (needs "
                         "--activation-checkpointing off,all; sam3lora/perf/memory_table.json is the shipped one)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="render the tables of an earlier run (its JSON) instead of measuring")
+    parser.add_argument("--from-json", type=_list(Path), default=None,
+                        help="render the tables of an earlier run (its JSON; several runs of one mode, comma-"
+                        "separated, are shown as one) instead of measuring; with --memory-table: build it from them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no tables")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one configuration (JSON), --isolate child
@@ -951,10 +952,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.from_json is not None:
-        payload = json.loads(args.from_json.read_text())
+        payload = combine([json.loads(path.read_text()) for path in args.from_json])
         print_tables(payload)
         if args.markdown is not None:
             args.markdown.write_text(markdown(payload))
+        if args.memory_table is not None:
+            write_memory_table(payload, args.memory_table)
         return payload
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -979,6 +982,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.memory_table is not None and args.single is None:
         write_memory_table(payload, args.memory_table)
     return payload
+
+
+def combine(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs as one: the first run's metadata (the others' commands added), every run's results."""
+    first = payloads[0]
+    if len(payloads) == 1:
+        return first
+    meta = {**first["meta"], "command": " && ".join(p["meta"]["command"] for p in payloads)}
+    return {"meta": meta, "results": [r for p in payloads for r in p["results"]],
+            "ratios": [q for p in payloads for q in p["ratios"]]}
 
 
 def write_memory_table(payload: dict[str, Any], path: Path) -> None:

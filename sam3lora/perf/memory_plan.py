@@ -10,7 +10,7 @@ Scaling to another batch: the vision encoder's bytes scale with images x (S / S0
 rows, everything else (per-row heads, glue, loss) with rows x (S / S0)^2; bytes scale with the compute dtype's
 size against the table's. The peak of a step is larger than what it saves (temporaries, gradients of the
 activations): the activations are multiplied by ``PEAK_FACTOR``, calibrated on the H200 (``docs/performance.md``:
-step memory / saved bytes was 1.19 with checkpointing off and 1.31 with the encoders checkpointed).
+the measured step memory at 1008 px, bf16, batch 1-8 was 1.01-1.27x this estimate from the 336 px fp32 table).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from sam3lora.perf.checkpointing import CHECKPOINTABLE
 
 TABLE = Path(__file__).with_name("memory_table.json")
 AUTO = "auto"  # the value of module.perf.activation_checkpointing that asks for a plan
-#: step memory / saved-for-backward bytes (H200, 1008 px, bf16, balanced: 1.19 off, 1.31 encoders checkpointed)
-PEAK_FACTOR = 1.35
+#: step memory / estimated saved bytes: 1.01-1.27 measured on the H200 (1008 px, bf16, every preset, batch 1-8)
+PEAK_FACTOR = 1.3
 #: share of the free memory kept in reserve (allocator fragmentation, CUDA context growth)
 RESERVE = 0.1
 #: bytes of optimiser-side state per trainable parameter: float32 gradient + AdamW's two moments
@@ -193,13 +193,14 @@ def plan_for(model: nn.Module, images: int, rows: int, image_size: int, dtype: t
 
 def table_from_records(records: Iterable[dict[str, Any]], image_size: int, source: str) -> MemoryTable:
     """A :class:`MemoryTable` from ``scripts/benchmark.py memory`` records (``--activation-checkpointing off,all``,
-    one image size, one prompt count); records of another compute dtype than the first one's are left out."""
+    one image size, one prompt count); records of another compute dtype than the first one's are left out, and
+    a later record of the same preset and checkpointing replaces an earlier one."""
     presets: dict[str, dict[str, dict[str, float]]] = {}
     shape: set[tuple[int, str]] = set()
     first: str | None = None
     for r in records:
         ckpt = r["ckpt"]
-        if r.get("status") != "ok" or (ckpt is not False and list(ckpt) != list(CHECKPOINTABLE)):
+        if r.get("status") != "ok" or (ckpt is not False and ckpt != list(CHECKPOINTABLE)):
             continue
         dtype = r["base_dtype"] if r["precision"] == "fp32" else "bfloat16"
         first = first or dtype
@@ -211,10 +212,18 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
             k: v * 1e9 for k, v in r["saved_gb_per_image_by_component"].items()}
         if r.get("forward_flops_per_image"):
             row["forward_flops"] = dict(r["forward_flops_per_image"])
-    incomplete = [p for p, row in presets.items() if not (row["plain"] and row["checkpointed"])]
+    # a run without FLOP counts takes another preset's: a component's forward FLOPs hardly depend on the preset
+    # (the adapters add r / width of the adapted layers' FLOPs)
+    counted = next((row["forward_flops"] for row in presets.values() if row["forward_flops"]), None)
+    for row in presets.values():
+        if not row["forward_flops"] and counted is not None:
+            row["forward_flops"] = dict(counted)
+    incomplete = [p for p, row in presets.items() if not (row["plain"] and row["checkpointed"] and
+                                                          row["forward_flops"])]
     if len(shape) != 1 or incomplete or not presets:
-        raise MemoryPlanError("--memory-table needs one prompt count and compute dtype, and for every preset the "
-                              f"checkpointing off and all rows (got {sorted(shape)}, incomplete: {incomplete})")
+        raise MemoryPlanError("--memory-table needs one prompt count and compute dtype, for every preset the "
+                              "checkpointing off and all rows, and FLOP counts (--flops on) in one of them "
+                              f"(got {sorted(shape)}, incomplete: {incomplete})")
     (prompts, dtype), = shape
     return MemoryTable(image_size, prompts, dtype, presets, source)
 
@@ -236,3 +245,58 @@ def checkpoint_for_batch(model: nn.Module, batch: Any, budget_gb: float | None,
     if plan.components:
         set_activation_checkpointing(model, plan.components)
     return plan
+
+
+def gpu_table(gpu_gb: Iterable[float], image_size: int, prompts: int, dtype: torch.dtype, base_gb: float,
+              max_batch: int = 8, table: MemoryTable | None = None) -> list[dict[str, Any]]:
+    """Per GPU size and preset: the largest batch up to ``max_batch`` that fits and what auto checkpoints for it,
+    and the largest batch that fits at all (everything checkpointed). ``base_gb``: memory in use before the first
+    step (weights, CUDA context); the trainable state is left out (megabytes for LoRA)."""
+    table = table or MemoryTable.load()
+    rows = []
+    for gb in gpu_gb:
+        budget = (gb - base_gb) * 1e9 * (1 - RESERVE)
+        for preset in table.presets:
+            plans = {}
+            for batch in itertools.count(1):
+                plan = choose(table, preset, budget, batch, batch * prompts, image_size, dtype)
+                if not plan.fits or batch > 4096:
+                    break
+                plans[batch] = plan
+            chosen = max((b for b in plans if b <= max_batch), default=0)
+            plan = plans.get(chosen)
+            rows.append({"gpu_gb": gb, "preset": preset, "batch": chosen, "largest_batch": max(plans, default=0),
+                         "components": list(plan.components) if plan else None,
+                         "estimate_gb": plan.estimate / 1e9 + base_gb if plan else None,
+                         "recompute_tflop_per_image": plan.cost_flops / chosen / 1e12 if plan else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sam3lora.perf.memory_plan``: the "which settings for my GPU" table from the shipped table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--gpu-gb", default="12,24,48,80", help="GPU memory sizes, comma-separated")
+    parser.add_argument("--image-size", type=int, default=1008)
+    parser.add_argument("--prompts", type=int, default=4, help="rows per image")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype (bf16-mixed: bfloat16)")
+    parser.add_argument("--max-batch", type=int, default=8, help="the batch to plan for when it fits")
+    parser.add_argument("--base-gb", type=float, default=4.2,
+                        help="in use before the first step (H200, float32 base: weights, adapters, CUDA context)")
+    args = parser.parse_args(argv)
+    rows = gpu_table([float(g) for g in args.gpu_gb.split(",")], args.image_size, args.prompts,
+                     _dtype(args.dtype), args.base_gb, args.max_batch)
+    print("| GPU GB | preset | batch | auto checkpoints | estimated peak GB | recompute TFLOP/img | largest batch |")
+    print("| ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    for r in rows:
+        if not r["batch"]:
+            print(f"| {r['gpu_gb']:g} | {r['preset']} | 0 | does not fit | - | - | 0 |")
+            continue
+        ckpt = ", ".join(r["components"]) or "nothing"
+        print(f"| {r['gpu_gb']:g} | {r['preset']} | {r['batch']} | {ckpt} | {r['estimate_gb']:.1f} | "
+              f"{r['recompute_tflop_per_image']:.2f} | {r['largest_batch']} |")
+
+
+if __name__ == "__main__":
+    main()
