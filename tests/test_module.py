@@ -12,6 +12,7 @@ import dataclasses
 import io
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -259,7 +260,10 @@ def test_checkpoint_of_another_preset_is_refused(synthetic_root: Path, minimal_c
 
 def test_checkpoint_not_written_by_sam3lora_is_refused(synthetic_root: Path) -> None:
     module = build_module(compose_cfg(synthetic_root, "lora=minimal"))
-    with pytest.raises(ValueError, match="not written by sam3lora"):
+    with pytest.raises(ValueError, match="^checkpoint: checkpoint was not written by sam3lora"):
+        module.on_load_checkpoint({"state_dict": module.state_dict()})
+    module._trainer = SimpleNamespace(ckpt_path="runs/a/last.ckpt")  # a resume: the message names the file
+    with pytest.raises(ValueError, match="^runs/a/last.ckpt: checkpoint was not written by sam3lora"):
         module.on_load_checkpoint({"state_dict": module.state_dict()})
 
 

@@ -449,4 +449,5 @@ class Sam3LoRAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made on another base, or one whose weights are not exactly this model's trainable
         ones (``sam3lora.adapter.check_checkpoint``, which the predictor runs on a ``.ckpt`` too)."""
-        check_checkpoint(self.model, checkpoint, self.trainable_names(), source="checkpoint")
+        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"  # the file, in a resume
+        check_checkpoint(self.model, checkpoint, self.trainable_names(), source=source)
