@@ -436,8 +436,13 @@ def count_flops(step: Callable[[], Any], recompute: Any) -> int:
 
 def time_steps(step: Callable[[int], Any], args: argparse.Namespace, device: torch.device,
                warmup: int, flops_step: Callable[[], int] | None) -> dict[str, Any]:
-    """Warm-up, one FLOP-counted step, then ``args.steps`` timed steps; step ``i`` uses batch ``i % distinct``."""
-    times = []
+    """Warm-up, one FLOP-counted step, then ``args.steps`` timed steps; step ``i`` uses batch ``i % distinct``.
+
+    Besides wall time, the CPU time of this process per step (``step_cpu_s``): on a CPU shared with other jobs the
+    wall time also counts the waits for a core, the CPU time only the work (with ``--threads 1``, about the wall
+    time of an idle machine).
+    """
+    times, cpu_times = [], []
     first_epoch = 0.0
     for i in range(warmup):
         sync(device)
@@ -449,12 +454,14 @@ def time_steps(step: Callable[[int], Any], args: argparse.Namespace, device: tor
     flops = flops_step() if flops_step is not None else None
     for i in range(warmup, warmup + args.steps):
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "step_s": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
+        "step_cpu_s": statistics.median(cpu_times), "step_cpu_s_min": min(cpu_times), "step_cpu_s_max": max(cpu_times),
         "first_epoch_s": first_epoch if warmup >= args.distinct_batches else None, "flops_per_step": flops,
     }
 
