@@ -24,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from sam3lora.errors import Sam3LoRAError
 
 CONF_MODULE = "sam3lora.conf"
-CONF_DIR = f"pkg://{CONF_MODULE}"  # what the CLIs give Hydra; --config-dir adds a user's own directory
+# conf/ of the repository, shipped in the wheel as the package sam3lora.conf (editable installs map it onto conf/):
+# what the CLIs give Hydra; a user adds their own directory with --config-dir DIR or hydra.searchpath=[file://DIR]
+CONF_DIR = f"pkg://{CONF_MODULE}"
 PRIMARY = ("train", "eval")
 
 

@@ -14,9 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-# conf/ of the repository, shipped in the wheel as the package sam3lora.conf (editable installs map it onto conf/);
-# add your own config directory with --config-dir DIR or hydra.searchpath=[file://DIR]
-CONF_DIR = "pkg://sam3lora.conf"
+from sam3lora.config import CONF_DIR  # add your own directory: --config-dir DIR or hydra.searchpath
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
