@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sam3lora.model.loading import DTYPES
-from sam3lora.perf.checkpointing import CHECKPOINTABLE, ENCODERS, RecomputeFlops, set_activation_checkpointing
+from sam3lora.perf.checkpointing import AUTO, CHECKPOINTABLE, ENCODERS, RecomputeFlops, set_activation_checkpointing
 from sam3lora.perf.compile import compile_options
 from sam3lora.perf.feature_cache import (
     CACHE_MODES,
@@ -21,7 +21,6 @@ from sam3lora.perf.feature_cache import (
     check_deterministic,
     check_frozen,
 )
-from sam3lora.perf.memory_plan import AUTO
 from sam3lora.perf.precision import base_autocast, prepare_low_precision_base
 
 __all__ = [

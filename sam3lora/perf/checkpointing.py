@@ -37,6 +37,8 @@ from sam3lora.lora import unwrap_base
 CHECKPOINTABLE = ("vision_encoder", "text_encoder", "geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder")
 #: What ``module.perf.activation_checkpointing: true`` checkpoints (the encoders' ``GradientCheckpointingLayer``s).
 ENCODERS = ("vision_encoder", "text_encoder")
+#: ``module.perf.activation_checkpointing: auto``: planned on the first batch (``sam3lora.perf.memory_plan``)
+AUTO = "auto"
 #: Plain-module components -> the module whose children are the blocks (a trailing ``:self`` = the module itself).
 _PLAIN_BLOCKS = {
     "geometry_encoder": "geometry_encoder.layers",

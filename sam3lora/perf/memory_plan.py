@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from sam3lora.errors import Sam3LoRAError
+from sam3lora.perf.checkpointing import AUTO as AUTO  # re-exported: the value that asks for a plan
 from sam3lora.perf.checkpointing import CHECKPOINTABLE
 
 TABLE = Path(__file__).with_name("memory_table.json")
-AUTO = "auto"  # the value of module.perf.activation_checkpointing that asks for a plan
 #: step memory / estimated saved bytes: 1.01-1.27 measured on the H200 (1008 px, bf16, every preset, batch 1-8)
 PEAK_FACTOR = 1.3
 #: share of the free memory kept in reserve (allocator fragmentation, CUDA context growth)
