@@ -16,7 +16,6 @@ checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -29,13 +28,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sam3lora.errors import Sam3LoRAError
+from sam3lora.fingerprint import base_fingerprint, peft_free_name, portable_fingerprint
 from sam3lora.io import atomic_dir
 from sam3lora.lora import unwrap_base
+from sam3lora.model_card import write_adapter_card
 
 SIDECAR = "sam3lora.json"
 CHECKPOINT_KEY = "sam3lora"  # the checkpoint entry written by ``checkpoint_record``
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures"}
 
 
 class AdapterLoadError(Sam3LoRAError, ValueError):
@@ -44,48 +44,6 @@ class AdapterLoadError(Sam3LoRAError, ValueError):
 
 class AdapterMismatchError(AdapterLoadError):
     """The adapter does not fit the base model it is being loaded into."""
-
-
-def _strip(name: str) -> str:
-    return name.replace(".base_layer", "")
-
-
-def _architecture_hash(config_dict: dict[str, Any]) -> str:
-    def clean(d: Any) -> Any:
-        if isinstance(d, dict):
-            return {k: clean(v) for k, v in sorted(d.items()) if k not in _VOLATILE_CONFIG_KEYS}
-        return d
-
-    return hashlib.sha256(json.dumps(clean(config_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def base_fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096) -> dict[str, str | None]:
-    """Identity of the base model: its name, an architecture hash and a hash of a few frozen base weights.
-
-    The weight hash rounds to bfloat16 so the same base loaded in another dtype matches; it is None on the meta
-    device (no values to hash).
-    """
-    base = unwrap_base(model)
-    digest = hashlib.sha256()
-    taken = 0
-    weights_hash: str | None = None
-    for name, param in base.named_parameters():
-        if "lora_" in name or "modules_to_save" in name or "original_module" in name:
-            continue
-        if param.device.type == "meta":
-            break
-        digest.update(_strip(name).encode())
-        digest.update(param.detach().flatten()[:n_values].to(torch.bfloat16).view(torch.int16).cpu().numpy())
-        taken += 1
-        if taken == n_tensors:
-            weights_hash = digest.hexdigest()[:16]
-            break
-    config = base.config
-    return {
-        "name_or_path": getattr(config, "_name_or_path", None) or None,
-        "architecture": _architecture_hash(config.to_dict()),
-        "weights": weights_hash,
-    }
 
 
 def check_base(model: nn.Module, recorded: Mapping[str, Any], source: str | Path, check_weights: bool = True,
@@ -166,8 +124,6 @@ def save_adapter(
     """Save the adapter in PEFT format, the ``sam3lora.json`` sidecar and a model card (``README.md``, see
     ``sam3lora.model_card``; ``run``: the run's facts, ``model_card.run_facts``); the directory is written whole.
     No file records an absolute path: the base is named by its hub id, preset or folder name."""
-    from sam3lora.model_card import portable_fingerprint, write_adapter_card
-
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         sidecar: dict[str, Any] = {"base": portable_fingerprint(base_fingerprint(model))}
@@ -178,6 +134,19 @@ def save_adapter(
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str))
         write_adapter_card(tmp, model, sidecar, ref=out_dir)  # README.md; adapter_config.json's base made portable
     return Path(out_dir)
+
+
+def read_adapter_facts(adapter: str | Path) -> dict[str, Any]:
+    """``base``, ``lora`` and ``run`` facts of an adapter directory (its ``sam3lora.json``) or a sam3lora
+    Lightning checkpoint (its ``sam3lora`` entry: no run facts); {} when there are none."""
+    path = Path(adapter)
+    if path.is_dir():
+        sidecar = path / SIDECAR
+        return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if path.is_file():
+        info = read_checkpoint(path).get(CHECKPOINT_KEY) or {}
+        return {"base": portable_fingerprint(info.get("base") or {}), "lora": info.get("lora")}
+    return {}
 
 
 def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool = True) -> dict[str, Any]:
@@ -200,7 +169,7 @@ def check_adapter(model: nn.Module, adapter_dir: str | Path, check_weights: bool
     for key, tensor in read_adapter_weights(path).items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
-        module_name = _strip(key.removeprefix("base_model.model.").split(".lora_")[0])
+        module_name = peft_free_name(key.removeprefix("base_model.model.").split(".lora_")[0])
         rank = _configured_rank(config, module_name)
         actual_rank = tensor.shape[0] if ".lora_A." in key else tensor.shape[-1]
         if rank is not None and actual_rank != rank:

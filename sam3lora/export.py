@@ -7,6 +7,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import Sam3Processor
 
+from sam3lora.adapter import read_adapter_facts
 from sam3lora.io import atomic_dir
 from sam3lora.model.loading import DTYPES
 from sam3lora.model_card import merged_card_facts, write_merged_card
@@ -31,7 +32,8 @@ def export_merged(
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    facts = merged_card_facts(model, adapter, shared_as or out_dir)  # the LoRA layout, read before merging
+    recorded = read_adapter_facts(adapter) if adapter is not None else {}
+    facts = merged_card_facts(model, adapter, shared_as or out_dir, recorded)  # the LoRA layout, read before merging
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         merged = model.merge_and_unload()
         if dtype is not None:

@@ -3,11 +3,11 @@
 A card is YAML metadata (``base_model`` only when the base came from the hub, ``library_name``, ``pipeline_tag``,
 ``license``, ``tags``) followed by prose built from facts:
 
-- the base (``sam3lora.adapter.base_fingerprint``, with a portable name: a hub id, a sam3lora preset, or a local
+- the base (``sam3lora.fingerprint.base_fingerprint``, with a portable name: a hub id, a sam3lora preset, or a local
   directory's name; never an absolute path of the training machine);
 - the LoRA layout per component (rank, alpha, targets, layers, adapted layers, parameters), read from the model;
 - the run (``run_facts``): data, training settings and the evaluation table. Adapters keep these facts in their
-  ``sam3lora.json`` under ``run``, so a card can be rewritten later (``finish_run_cards`` at the end of ``fit``,
+  ``sam3lora.json`` under ``run``, so a card can be rewritten later (``training.callbacks.finish_run_cards`` after ``fit``,
   when the start-vs-best numbers are known) and a merged export carries the same card;
 - how to use it: ``sam3lora-predict`` / ``Sam3LoRAPredictor``, and plain transformers + PEFT with the source of
   ``sam3lora.sam3`` (the SAM 3 contract) embedded, so the snippet reproduces our predictions with no sam3lora code.
@@ -30,6 +30,14 @@ from typing import Any
 import yaml
 from torch import nn
 
+from sam3lora.fingerprint import (
+    architecture_hash,
+    base_fingerprint,
+    is_hub_id,
+    portable_base_name,
+    portable_fingerprint,
+    portable_path,
+)
 from sam3lora.io import write_whole
 
 CARD = "README.md"
@@ -44,7 +52,6 @@ TAGS = ["sam3", "lora", "peft", "sam3lora", "image-segmentation", "instance-segm
 #: validation metrics listed first in the evaluation table (the rest follow sorted)
 FIRST_METRICS = ("val/iou", "val/dice", "val/cgF1", "val/IL_MCC", "val/pmF1", "val/segm_AP", "val/bbox_AP", "val/loss")
 MAX_CATEGORY_ROWS = 100
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _ADAPTER_SLOT = re.compile(
     r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(?:\.|$)"
 )
@@ -60,49 +67,12 @@ PLAIN_TRANSFORMERS_NOTE = (
 
 
 # --------------------------------------------------------------------------------------------------- paths
-def is_hub_id(name: str | None) -> bool:
-    """True for ``owner/name`` that is not an existing local path."""
-    return bool(name) and bool(_HUB_ID.match(str(name))) and not Path(str(name)).exists()
-
-
-def portable_path(path: str | Path, workdir: str | Path | None = None) -> str:
-    """``path`` relative to ``workdir`` (default: the current directory) when inside it, else its last component:
-    what a shared file may say about a local path."""
-    p = Path(path).absolute()
-    here = Path(workdir or Path.cwd()).absolute()
-    try:
-        rel = p.relative_to(here)
-    except ValueError:
-        return p.name
-    return rel.as_posix() or "."
-
-
-def portable_base_name(name_or_path: str | None) -> str | None:
-    """A base's recorded name without machine paths: a hub id as is; ``.../tiny-seed<N>`` -> ``tiny-seed<N>``,
-    ``.../tiny-pretrained`` -> ``tiny-pretrained`` (sam3lora presets); another local directory -> its name."""
-    if not name_or_path:
-        return None
-    name = str(name_or_path)
-    if is_hub_id(name):
-        return name
-    if not Path(name).is_absolute() and not Path(name).exists() and "/" not in name:
-        return name  # already a bare name (a preset)
-    return Path(name).name
-
-
 def _base_kind(name: str | None) -> str:
     if name is None:
         return "unknown"
     if re.fullmatch(r"tiny-seed\d+", name) or name in ("tiny", "tiny-pretrained"):
         return "preset"
     return "hub" if is_hub_id(name) else "local"
-
-
-def portable_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """``base_fingerprint`` output with ``name_or_path`` made portable (see ``portable_base_name``)."""
-    out = dict(fingerprint)
-    out["name_or_path"] = portable_base_name(out.get("name_or_path"))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- facts
@@ -246,7 +216,7 @@ def training_facts(trainer: Any) -> dict[str, Any]:
     }
 
 
-def _metrics(values: Mapping[str, Any] | None) -> dict[str, float] | None:
+def val_metrics(values: Mapping[str, Any] | None) -> dict[str, float] | None:
     if values is None:
         return None
     return {k: float(v) for k, v in values.items() if str(k).startswith("val/")}
@@ -261,7 +231,7 @@ def run_facts(
     The validation metrics are the trainer's current ones when it stands at that epoch, else (an adapter restored
     on resume) the monitored score alone; ``finish_run_cards`` replaces them with the run's final numbers.
     """
-    metrics = _metrics(trainer.callback_metrics) or {}
+    metrics = val_metrics(trainer.callback_metrics) or {}
     if record.get("epoch") != trainer.current_epoch or record.get("monitor") not in metrics:
         metrics = {str(record.get("monitor")): float(record.get("score", math.nan))}
     training = training_facts(trainer)
@@ -309,59 +279,12 @@ def write_adapter_card(directory: str | Path, model: nn.Module, sidecar: Mapping
     return write_whole(directory / CARD, adapter_card(model, plain_sidecar, portable_path(ref)))
 
 
-def finish_run_cards(trainer: Any, results: Mapping[str, Any]) -> list[Path]:
-    """Rewrite the card and ``sam3lora.json`` of every adapter a ``BestAdapterExport`` of ``trainer`` wrote, with
-    the run's final numbers (``results``: ``start`` and ``best`` validation metrics, as in ``results.json``)."""
-    from sam3lora.adapter import SIDECAR
-    from sam3lora.training.callbacks import BestAdapterExport
-
-    written = []
-    checkpoint_cb = getattr(trainer, "checkpoint_callback", None)
-    for callback in trainer.callbacks:
-        if not isinstance(callback, BestAdapterExport) or not (callback.dirpath / SIDECAR).is_file():
-            continue
-        sidecar = json.loads((callback.dirpath / SIDECAR).read_text())
-        run = dict(sidecar.get("run") or {})
-        evaluation = dict(run.get("evaluation") or {"monitor": callback.monitor, "mode": callback.mode})
-        evaluation["start"] = _metrics(results.get("start"))
-        # results["best"] validates the best checkpoint; it is this adapter when both follow the same metric
-        if checkpoint_cb is not None and getattr(checkpoint_cb, "monitor", None) == callback.monitor:
-            evaluation["best"] = _metrics(results.get("best")) or evaluation.get("best")
-        evaluation["final"] = True
-        run["evaluation"] = evaluation
-        training = dict(run.get("training") or {})
-        training.update(epochs_trained=trainer.current_epoch, steps_trained=trainer.global_step)
-        run["training"] = training
-        sidecar["run"] = run
-        text = adapter_card(trainer.lightning_module.model, sidecar, portable_path(callback.dirpath))
-        write_whole(callback.dirpath / SIDECAR, json.dumps(sidecar, indent=2, default=str))
-        written.append(write_whole(callback.dirpath / CARD, text))
-    return written
-
-
-def read_adapter_facts(adapter: str | Path) -> dict[str, Any]:
-    """``base``, ``lora`` and ``run`` facts of an adapter directory (its ``sam3lora.json``) or a sam3lora
-    Lightning checkpoint (its ``sam3lora`` entry: no run facts); {} when there are none."""
-    from sam3lora.adapter import SIDECAR
-
-    path = Path(adapter)
-    if path.is_dir():
-        sidecar = path / SIDECAR
-        return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    if path.is_file():
-        from sam3lora.adapter import read_checkpoint
-
-        info = read_checkpoint(path).get("sam3lora") or {}
-        return {"base": portable_fingerprint(info.get("base") or {}), "lora": info.get("lora")}
-    return {}
-
-
-def merged_card_facts(model: nn.Module, adapter: str | Path | None, shared_as: str | Path) -> dict[str, Any]:
+def merged_card_facts(
+    model: nn.Module, adapter: str | Path | None, shared_as: str | Path, recorded: Mapping[str, Any]
+) -> dict[str, Any]:
     """Facts of a merged export, from ``model`` (the ``PeftModel`` before merging) and the adapter's own files
-    (``adapter``: its directory or sam3lora checkpoint, or None); ``shared_as``: where the export will live."""
-    from sam3lora.adapter import base_fingerprint
-
-    recorded = read_adapter_facts(adapter) if adapter is not None else {}
+    (``adapter``: its directory or sam3lora checkpoint, or None; ``recorded``: what
+    ``sam3lora.adapter.read_adapter_facts`` read from it); ``shared_as``: where the export will live."""
     return {
         "kind": "merged",
         "base": portable_fingerprint(recorded.get("base") or base_fingerprint(model)),
@@ -374,8 +297,6 @@ def merged_card_facts(model: nn.Module, adapter: str | Path | None, shared_as: s
 
 def write_merged_card(directory: str | Path, facts: Mapping[str, Any], merged: nn.Module, dtype: str) -> Path:
     """Write the ``README.md`` of a merged export into ``directory`` (``facts``: ``merged_card_facts``)."""
-    from sam3lora.adapter import base_fingerprint
-
     full = {**facts, "dtype": dtype, "fingerprint": base_fingerprint(merged)}
     return write_whole(Path(directory) / CARD, render(json.loads(json.dumps(full, default=str))))
 
@@ -406,14 +327,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _license(base: Mapping[str, Any]) -> tuple[dict[str, str], str]:
     """Licence metadata and sentence for a base: SAM 3's weights (hub id or the released architecture) carry the
     SAM License; sam3lora's tiny presets are Apache-2.0 (made by this project); anything else: the base's own."""
-    from sam3lora.adapter import _architecture_hash
-
     name = base.get("name_or_path")
     released = False
     try:
         from transformers import Sam3Config
 
-        released = base.get("architecture") == _architecture_hash(Sam3Config().to_dict())
+        released = base.get("architecture") == architecture_hash(Sam3Config().to_dict())
     except Exception:  # an older transformers without Sam3Config cannot tell; the name still can
         released = False
     if (name and str(name).startswith(SAM3_HUB_ID)) or released:
@@ -759,9 +678,9 @@ def render(facts: Mapping[str, Any]) -> str:
     base_lines = [
         f"Base model: {base_text}.",
         "",
-        "Fingerprint (`sam3lora.adapter.base_fingerprint`; sam3lora refuses to load this adapter onto a base whose "
+        "Fingerprint (`sam3lora.fingerprint.base_fingerprint`; sam3lora refuses to load this adapter onto a base whose "
         "fingerprint differs):" if facts["kind"] == "adapter" else
-        "Fingerprint of that base (`sam3lora.adapter.base_fingerprint`), which the adapter was checked against:",
+        "Fingerprint of that base (`sam3lora.fingerprint.base_fingerprint`), which the adapter was checked against:",
         "",
         *fingerprint,
     ]

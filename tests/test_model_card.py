@@ -246,7 +246,7 @@ def test_card_without_a_run_and_for_a_hub_base(tmp_path: Path) -> None:
 
 
 def test_portable_names() -> None:
-    from sam3lora.model_card import portable_base_name, portable_path
+    from sam3lora.fingerprint import portable_base_name, portable_path
 
     assert portable_base_name("facebook/sam3") == "facebook/sam3"
     assert portable_base_name("/home/me/.cache/sam3lora/tiny-seed3") == "tiny-seed3"

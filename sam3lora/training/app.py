@@ -25,8 +25,8 @@ from sam3lora.errors import Sam3LoRAError
 from sam3lora.io import atomic_file
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
-from sam3lora.model_card import finish_run_cards
 from sam3lora.perf import check_deterministic
+from sam3lora.training.callbacks import finish_run_cards
 from sam3lora.training.checkpoint import use_atomic_checkpoints
 from sam3lora.training.dry_run import dry_run
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from sam3lora.adapter import save_adapter
-from sam3lora.io import atomic_file
-from sam3lora.model_card import run_facts
+from sam3lora.adapter import SIDECAR, save_adapter
+from sam3lora.io import atomic_file, write_whole
+from sam3lora.model_card import CARD, adapter_card, portable_path, run_facts, val_metrics
 from sam3lora.sam3 import sam3_scores
 
 matplotlib.use("Agg")
@@ -249,3 +250,30 @@ class TrainingPlots(L.Callback):
         figure.tight_layout()
         save_figure(figure, self.dirpath / "curves.png")
         plt.close(figure)
+
+
+def finish_run_cards(trainer: Any, results: Mapping[str, Any]) -> list[Path]:
+    """Rewrite the card and ``sam3lora.json`` of every adapter a ``BestAdapterExport`` of ``trainer`` wrote, with
+    the run's final numbers (``results``: ``start`` and ``best`` validation metrics, as in ``results.json``)."""
+    written = []
+    checkpoint_cb = getattr(trainer, "checkpoint_callback", None)
+    for callback in trainer.callbacks:
+        if not isinstance(callback, BestAdapterExport) or not (callback.dirpath / SIDECAR).is_file():
+            continue
+        sidecar = json.loads((callback.dirpath / SIDECAR).read_text())
+        run = dict(sidecar.get("run") or {})
+        evaluation = dict(run.get("evaluation") or {"monitor": callback.monitor, "mode": callback.mode})
+        evaluation["start"] = val_metrics(results.get("start"))
+        # results["best"] validates the best checkpoint; it is this adapter when both follow the same metric
+        if checkpoint_cb is not None and getattr(checkpoint_cb, "monitor", None) == callback.monitor:
+            evaluation["best"] = val_metrics(results.get("best")) or evaluation.get("best")
+        evaluation["final"] = True
+        run["evaluation"] = evaluation
+        training = dict(run.get("training") or {})
+        training.update(epochs_trained=trainer.current_epoch, steps_trained=trainer.global_step)
+        run["training"] = training
+        sidecar["run"] = run
+        text = adapter_card(trainer.lightning_module.model, sidecar, portable_path(callback.dirpath))
+        write_whole(callback.dirpath / SIDECAR, json.dumps(sidecar, indent=2, default=str))
+        written.append(write_whole(callback.dirpath / CARD, text))
+    return written

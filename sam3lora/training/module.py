@@ -29,8 +29,9 @@ from torchvision.ops import box_convert
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inverse_sigmoid
 
-from sam3lora.adapter import CHECKPOINT_KEY, base_fingerprint, check_checkpoint, checkpoint_record
+from sam3lora.adapter import CHECKPOINT_KEY, check_checkpoint, checkpoint_record
 from sam3lora.data.batch import Sam3Batch
+from sam3lora.fingerprint import base_fingerprint
 from sam3lora.lora import component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
 from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
