@@ -7,8 +7,8 @@ A card is YAML metadata (``base_model`` only when the base came from the hub, ``
   directory's name; never an absolute path of the training machine);
 - the LoRA layout per component (rank, alpha, targets, layers, adapted layers, parameters), read from the model;
 - the run (``run_facts``): data, training settings and the evaluation table. Adapters keep these facts in their
-  ``sam3lora.json`` under ``run``, so a card can be rewritten later (``training.callbacks.finish_run_cards`` after ``fit``,
-  when the start-vs-best numbers are known) and a merged export carries the same card;
+  ``sam3lora.json`` under ``run``, so a card can be rewritten later (``training.callbacks.finish_run_cards``
+  after ``fit``, when the start-vs-best numbers are known) and a merged export carries the same card;
 - how to use it: ``sam3lora-predict`` / ``Sam3LoRAPredictor``, and plain transformers + PEFT with the source of
   ``sam3lora.sam3`` (the SAM 3 contract) embedded, so the snippet reproduces our predictions with no sam3lora code.
 

@@ -13,7 +13,8 @@ from PIL import Image
 from rich.console import Console
 
 from sam3lora.data.synthetic import write_synthetic
-from sam3lora.data.validate import print_report, validate_dataset
+from sam3lora.data.validate import print_report
+from sam3lora.data.validate_dataset import validate_dataset
 
 S = 32
 POLY = [4.0, 4.0, 20.0, 4.0, 20.0, 20.0, 4.0, 20.0]

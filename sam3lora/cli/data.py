@@ -52,7 +52,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sam3lora.data.validate import print_report, validate_dataset
+    from sam3lora.data.validate import print_report
+    from sam3lora.data.validate_dataset import validate_dataset
 
     report = validate_dataset(args.dir, args.source_format)
     print_report(report, Console(soft_wrap=True))

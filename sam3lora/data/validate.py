@@ -1,6 +1,7 @@
 """``sam3lora-data validate``: check a dataset in any layout ``convert`` reads, and the checks behind it.
 
-Layouts (:func:`find_sources`): the converted one (``SPLIT/annotations.json`` + ``SPLIT/images/``), Roboflow COCO
+Layouts (``sam3lora.data.validate_dataset.find_sources``): the converted one (``SPLIT/annotations.json`` +
+``SPLIT/images/``), Roboflow COCO
 (``SPLIT/_annotations.coco.json`` beside the images, ``valid`` -> ``val``), classic COCO
 (``annotations/instances_SPLIT.json`` + ``SPLIT/`` or ``images/SPLIT/``) and YOLO detect/segment (``data.yaml``).
 
@@ -36,7 +37,6 @@ from sam3lora.data.masks import segmentation_to_rle
 
 TOLERANCE = 1.0
 SPLITS = ("train", "val", "test")
-YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")
 ImageCheck = Literal["exists", "header", "decode"]
 
 
@@ -310,29 +310,6 @@ def coco_sources(src: str | Path) -> list[SplitSource]:
     return sources
 
 
-def is_yolo(root: str | Path) -> bool:
-    """Whether ``root`` is a YOLO dataset (a ``data.yaml``, or the yaml itself)."""
-    root = Path(root)
-    return (root.is_file() and root.suffix in (".yaml", ".yml")) or any((root / n).is_file() for n in YAML_NAMES)
-
-
-def find_sources(root: str | Path, fmt: str = "auto") -> tuple[str, list[SplitSource]]:
-    """``(layout, splits)`` of the dataset at ``root``: ``fmt`` ``coco``, ``yolo`` or ``auto`` (COCO json files
-    first, else a ``data.yaml``). Raises :class:`DataError` when no split is found."""
-    if fmt not in ("auto", "coco", "yolo"):
-        raise DataError(root, f"unknown dataset format {fmt!r} (auto, coco or yolo)")
-    if fmt == "coco" or (fmt == "auto" and not is_yolo(root)):
-        return "coco", coco_sources(root)
-    if fmt == "auto" and Path(root).is_dir():
-        try:
-            return "coco", coco_sources(root)
-        except DataError:
-            pass
-    from sam3lora.data.yolo import scan_yolo
-
-    return "yolo", [s.source() for s in scan_yolo(root).splits]
-
-
 def validate_sources(sources: Sequence[SplitSource], images: ImageCheck = "decode") -> Report:
     """Run :func:`check_split` on every source; the report's ``root`` is left to the caller."""
     report = Report(root=Path("."))
@@ -345,25 +322,6 @@ def validate_sources(sources: Sequence[SplitSource], images: ImageCheck = "decod
         report.errors.extend(errors)
         report.warnings.extend(warnings)
         report.counts[s.split] = counts
-    return report
-
-
-def validate_dataset(root: str | Path, fmt: str = "auto") -> Report:
-    """Validate every split (train/val/test) of the dataset at ``root`` in any layout ``convert`` reads (decoding
-    every image whole); never raises for bad data, reports it."""
-    root = Path(root)
-    if not root.exists():
-        return Report(root=root, errors=[Issue("-", str(root), None, "dataset directory not found")])
-    try:
-        layout, sources = find_sources(root, fmt)
-    except DataError as e:
-        return Report(root=root, errors=[Issue("-", e.path, None, e.problem)])
-    report = validate_sources(sources)
-    report.root, report.layout = root, layout
-    present = {s.split for s in sources}
-    for s in ("train", "val"):
-        if s not in present:
-            report.warnings.append(Issue(s, str(root), None, f"no '{s}' split"))
     return report
 
 

@@ -37,10 +37,13 @@ from sam3lora.data.validate import DatasetProblems, Issue, SplitSource, validate
 _TOL = 0.01  # normalised coordinates may overshoot [0, 1] by this much (then clipped)
 
 
+YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml")  # what a YOLO dataset's yaml is called
+
+
 def _find_yaml(src: Path) -> Path:
     if src.is_file():
         return src
-    for name in ("data.yaml", "data.yml", "dataset.yaml", "dataset.yml"):
+    for name in YAML_NAMES:
         if (src / name).is_file():
             return src / name
     raise DataError(src, "no data.yaml found")
