@@ -9,7 +9,7 @@ from transformers import Sam3Processor
 
 from sam3lora.adapter import read_adapter_facts
 from sam3lora.io import atomic_dir
-from sam3lora.model.loading import DTYPES
+from sam3lora.model.load_base import DTYPES
 from sam3lora.model_card import merged_card_facts, write_merged_card
 
 

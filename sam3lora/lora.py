@@ -18,7 +18,7 @@ from torch import nn
 #: Projection names a preset may target. ``o_proj`` also covers the CLIP text encoder's ``out_proj``; ``fc1``
 #: and ``fc2`` are the MLPs (in the mask decoder: the three-layer ``mask_embedder``).
 from sam3lora.errors import Sam3LoRAError
-from sam3lora.model.loading import meta_model
+from sam3lora.model.load_base import meta_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 VARIANTS = ("lora", "dora", "rslora")

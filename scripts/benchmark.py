@@ -360,7 +360,7 @@ class Models:
         from sam3lora.config import defaults
         from sam3lora.lora import apply_lora
         from sam3lora.model import load_model
-        from sam3lora.perf.synthetic import random_sam3
+        from sam3lora.perf.random_inputs import random_sam3
 
         args = self.args
         if args.model == "tiny":
@@ -376,7 +376,7 @@ class Models:
 
 
 def make_batches(module: Any, config: dict[str, Any], args: argparse.Namespace, device: torch.device) -> list[Any]:
-    from sam3lora.perf.synthetic import repeated_image_batch, synthetic_batch
+    from sam3lora.perf.random_inputs import repeated_image_batch, synthetic_batch
 
     text = module.base_model.config.text_config
     batches = []
@@ -610,7 +610,7 @@ def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path
     from hydra import compose, initialize_config_dir
 
     from sam3lora.data.datamodule import Sam3DataModule
-    from sam3lora.perf.synthetic import sam3_processor
+    from sam3lora.perf.random_inputs import sam3_processor
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         data = OmegaConf.to_container(compose("train", overrides=["data=synthetic"]).data)
@@ -657,7 +657,7 @@ def run_data_config(config: dict[str, Any], args: argparse.Namespace, root: Path
 def run_loss_config(models: Models, config: dict[str, Any], args: argparse.Namespace,
                     device: torch.device) -> dict[str, Any]:
     """One criterion configuration: matching + loss terms + backward on random outputs of the model's shapes."""
-    from sam3lora.perf.synthetic import synthetic_batch, synthetic_outputs
+    from sam3lora.perf.random_inputs import synthetic_batch, synthetic_outputs
 
     queries = 20 if args.model == "tiny" else 200
     criterion = models.criterion(config["mask_loss"]).to(device)
@@ -687,7 +687,7 @@ def run_loss_config(models: Models, config: dict[str, Any], args: argparse.Names
 
 
 def synthetic_root(args: argparse.Namespace, tmp: Path) -> Path:
-    from sam3lora.data.synthetic import write_synthetic
+    from sam3lora.data.synthetic_shapes import write_synthetic
 
     root = args.data_root or tmp / f"synthetic_{args.images}x{args.image_size}"
     if not (root / "train" / "annotations.json").is_file():

@@ -43,7 +43,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 train / 4 val synthetic images, written once per test session (shared by the test files)."""
-    from sam3lora.data.synthetic import write_synthetic
+    from sam3lora.data.synthetic_shapes import write_synthetic
 
     root = tmp_path_factory.getbasetemp() / "synthetic_6x4"
     if not (root / "val" / "annotations.json").is_file():

@@ -162,7 +162,7 @@ def test_peak_flops_by_device_name(bench: ModuleType, monkeypatch: pytest.Monkey
 def test_sam3_config_at_a_reduced_size_gives_consistent_feature_maps() -> None:
     from transformers.models.sam3.modeling_sam3 import Sam3VisionModel
 
-    from sam3lora.perf.synthetic import sam3_config, sam3_processor
+    from sam3lora.perf.random_inputs import sam3_config, sam3_processor
 
     config = sam3_config(168)  # 12 x 12 patches
     assert config.image_size == 168 and config.vision_config.backbone_feature_sizes == [[48, 48], [24, 24], [12, 12]]

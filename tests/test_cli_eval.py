@@ -22,9 +22,9 @@ from torchvision.ops import box_convert
 from sam3lora.adapter import save_adapter
 from sam3lora.config import defaults
 from sam3lora.data.readers import CocoReader
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.inference import Sam3LoRAPredictor
-from sam3lora.inference.eval_app import run
+from sam3lora.inference.run_eval import run
 from sam3lora.lora import apply_lora
 from sam3lora.metrics import CgF1Accumulator, MatchedIoUDice
 from sam3lora.model import load_model

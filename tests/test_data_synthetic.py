@@ -1,4 +1,4 @@
-"""Tests for sam3lora.data.synthetic.write_synthetic."""
+"""Tests for sam3lora.data.synthetic_shapes.write_synthetic."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from sam3lora.data.data_error import DataError
 from sam3lora.data.masks import annotation_to_mask
-from sam3lora.data.synthetic import COLOURS, DEFAULT_CATEGORIES, parse_categories, write_synthetic
+from sam3lora.data.synthetic_shapes import COLOURS, DEFAULT_CATEGORIES, parse_categories, write_synthetic
 
 SIZE = 96
 

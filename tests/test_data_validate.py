@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.data.validate import print_report
 from sam3lora.data.validate_dataset import validate_dataset
 

@@ -20,7 +20,7 @@ from sam3lora.data.batch import Sam3Batch
 from sam3lora.data.data_error import DataError
 from sam3lora.data.datamodule import Sam3DataModule
 from sam3lora.data.readers import BadSampleError, DatasetReader, ImageRecord, Instance
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.data.validate import DatasetProblems
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"

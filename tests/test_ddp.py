@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 
 TESTS = Path(__file__).resolve().parent
 

@@ -213,7 +213,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_app_builds_with_the_expected_parts(service, examples):
     gr = pytest.importorskip("gradio")
-    from sam3lora.demo.app import _error, build_app, read_upload
+    from sam3lora.demo.page import _error, build_app, read_upload
 
     app = build_app(service, examples, threshold=0.2)
     ids = {c.get("props", {}).get("elem_id") for c in app.get_config_file()["components"]}

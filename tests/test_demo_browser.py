@@ -50,8 +50,8 @@ def server(tmp_path_factory, one_thread):
     """The demo (tiny base + a random adapter ``tuned``, threshold 0 so instances always show) on 127.0.0.1."""
     from test_demo import save_random_adapter
 
-    from sam3lora.demo.app import build_app, launch
     from sam3lora.demo.examples import synthetic_examples
+    from sam3lora.demo.page import build_app, launch
     from sam3lora.demo.service import DemoService
     from sam3lora.inference import Sam3LoRAPredictor
 

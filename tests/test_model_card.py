@@ -101,7 +101,7 @@ def no_machine_paths(text: str, where: str) -> None:
 @pytest.fixture(scope="module")
 def run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One short training run through the app (start validation, fit, best validation, results.json)."""
-    from sam3lora.training.app import run
+    from sam3lora.training.run_training import run
 
     root = tmp_path_factory.mktemp("card_run")
     cfg = job_cfg(synthetic_root, root, *RUN_OVERRIDES, name="run")

@@ -39,7 +39,7 @@ def compose_cfg(root: Path, *overrides: str) -> DictConfig:
 
 
 def build_module(cfg: DictConfig, seed: int | None = None) -> Sam3LoRAModule:
-    """The module exactly as ``sam3lora.training.app.run`` builds it (``seed`` overrides the tiny base's seed)."""
+    """The module exactly as ``sam3lora.training.run_training.run`` builds it (``seed``: the tiny base's seed)."""
     model_kwargs = dict(cfg.model) | ({} if seed is None else {"seed": seed})
     model, _ = load_model(**model_kwargs)
     lora = instantiate(cfg.lora)

@@ -1,6 +1,6 @@
 """Speed/memory switches (``sam3lora.perf``, ``module.perf``): each one must leave the numbers as they were.
 
-Everything runs on the tiny preset with random ``Sam3Batch``es (``sam3lora.perf.synthetic``), one torch thread.
+Everything runs on the tiny preset with random ``Sam3Batch``es (``sam3lora.perf.random_inputs``), one torch thread.
 The module is built from the composed ``conf/train.yaml`` as the training app builds it.
 """
 
@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from sam3lora.config import defaults
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.perf import (
@@ -29,9 +29,9 @@ from sam3lora.perf import (
     check_deterministic,
 )
 from sam3lora.perf.checkpointing import CHECKPOINTABLE, ENCODERS, checkpoint_layers, checkpointed_components
-from sam3lora.perf.synthetic import synthetic_batch
-from sam3lora.training.app import ConfigError, run
+from sam3lora.perf.random_inputs import synthetic_batch
 from sam3lora.training.module import Sam3LoRAModule
+from sam3lora.training.run_training import ConfigError, run
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -109,7 +109,7 @@ def test_cache_is_rendered_once_and_reused(tmp_path: Path, monkeypatch: pytest.M
     load_or_render(RenderSettings(3, 224, 8, CATEGORIES), tmp_path, log=lambda _: None)  # other settings: new set
     assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
     # the cached pixels are the generator's (the PNG sets hold the same images)
-    from sam3lora.data.synthetic import parse_categories, render_image
+    from sam3lora.data.synthetic_shapes import parse_categories, render_image
 
     image, instances = render_image(parse_categories(CATEGORIES), 224, 7, "train", 1, 0.0)
     assert torch.equal(a.images[1], torch.from_numpy(image).permute(2, 0, 1))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from test_train_app import LEAN, SMALL, add_callbacks, job_cfg  # one way to build a job's config
 
-from sam3lora.training.app import run
+from sam3lora.training.run_training import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -199,7 +199,7 @@ def compose_data(tmp_path: Path, *overrides: str) -> DictConfig:
 
 
 def datamodule(cfg: DictConfig, processor: Any) -> Any:
-    from sam3lora.training.app import build
+    from sam3lora.training.run_training import build
 
     return build(cfg.data, "data", processor=processor)
 
@@ -238,7 +238,7 @@ def test_data_root_of_another_folder_is_never_replaced(tmp_path: Path, processor
     neither the trainer nor ``sam3lora-data synthetic --overwrite`` touches it."""
     from sam3lora.cli.data import main as data_main
     from sam3lora.data.data_error import DataError
-    from sam3lora.data.synthetic import write_synthetic
+    from sam3lora.data.synthetic_shapes import write_synthetic
 
     real = tmp_path / "my_dataset"
     (real / "images").mkdir(parents=True)
@@ -262,7 +262,7 @@ def test_data_root_of_another_folder_is_never_replaced(tmp_path: Path, processor
 def test_synthetic_set_is_generated_where_asked_and_marked(tmp_path: Path, processor: Any) -> None:
     """The config's own location (default data.root), an explicit data.synthetic.root, and experiment=demo
     (what ``make train`` runs) generate their set on demand, marked; a marked set can be regenerated."""
-    from sam3lora.data.synthetic import MARKER, write_synthetic
+    from sam3lora.data.synthetic_shapes import MARKER, write_synthetic
 
     default = compose_data(tmp_path, *SMALL_SET)
     assert default.data.root == default.data.synthetic.root == f"{tmp_path}/data/synthetic"
@@ -351,7 +351,7 @@ def test_adapter_config_rank_disagreeing_with_the_weights_is_one_line(tmp_path: 
 
 def train_job(cfg: DictConfig, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """``sam3lora-train``'s job function on ``cfg``: (exit status, stderr)."""
-    from sam3lora.training.app import run_job
+    from sam3lora.training.run_training import run_job
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
@@ -381,7 +381,7 @@ def test_bad_config_values_are_one_line_with_exit_status_2(
 def test_full_error_env_gives_the_traceback(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sam3lora.training.app import ConfigError, run_job
+    from sam3lora.training.run_training import ConfigError, run_job
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ConfigError, match="lora.rank"):
@@ -501,7 +501,7 @@ def test_bad_images_under_skip_are_counted_once_each(
     import logging
 
     from sam3lora.model import load_model
-    from sam3lora.training.app import build
+    from sam3lora.training.run_training import build
 
     root = broken_copy(synthetic_root, tmp_path, {1: truncate, 2: Path.unlink, 4: truncate})
     cfg = job_cfg(root, tmp_path, *SMALL, "data.on_bad_sample=skip")
@@ -602,7 +602,7 @@ def test_every_user_error_class_derives_from_one_base() -> None:
     from sam3lora.model import ModelLoadError
     from sam3lora.model.dac import DacError
     from sam3lora.perf import FeatureCacheError
-    from sam3lora.training.app import ConfigError
+    from sam3lora.training.run_training import ConfigError
 
     for cls in (AdapterMismatchError, DataError, AdapterLoadError, ImageReadError, PredictorError, PromptError,
                 LoraTargetError, ModelLoadError, DacError, FeatureCacheError, ConfigError):

@@ -1,7 +1,7 @@
 """The training app (``sam3lora-train``, ``conf/train.yaml``) end to end, the lightning-hydra-template way.
 
 In process: the real config is composed with ``hydra.compose`` and Hydra's runtime is set as ``@hydra.main`` sets
-it, then ``sam3lora.training.app.run`` runs one job. Where Hydra's own machinery is under test (multirun, the
+it, then ``sam3lora.training.run_training.run`` runs one job. Where Hydra's own machinery is under test (multirun, the
 Optuna sweeper) the CLI runs in a subprocess. Every run is small: the tiny preset, 6 train / 4 val synthetic
 images, 2 images per batch, 2 training and 1 validation batch per epoch, on the CPU with one torch thread (the
 tensors are small; two threads on a busy 2-core machine are many times slower than one).
@@ -29,7 +29,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sam3lora.model import load_model
-from sam3lora.training.app import ConfigError, build, run
+from sam3lora.training.run_training import ConfigError, build, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -456,7 +456,7 @@ def test_overfitting_a_batch_drives_the_loss_down(synthetic_root: Path, tmp_path
 def test_lora_on_the_pretrained_base_learns_the_demos_new_words(tmp_path: Path) -> None:
     """experiment=demo (LoRA on the shipped tiny-pretrained base) memorising 8 images of its categories, whose
     words the base never read: val/iou on those images rises well above the zero-shot start, the loss falls."""
-    from sam3lora.data.synthetic import write_synthetic
+    from sam3lora.data.synthetic_shapes import write_synthetic
 
     categories = list(OmegaConf.load(CONF / "experiment" / "demo.yaml").data.synthetic.categories)
     root = write_synthetic(tmp_path / "demo", train=8, val=2, categories=categories, seed=3, hard_negatives=0.0)

@@ -27,7 +27,7 @@ from sam3lora.data.data_error import DataError, DataWarning
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from sam3lora.data.synthetic import write_synthetic
+    from sam3lora.data.synthetic_shapes import write_synthetic
 
     cats = [c.strip() for c in args.categories.split(",")] if args.categories else None
     out = write_synthetic(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed,

@@ -86,7 +86,7 @@ def plan_models(args: argparse.Namespace) -> Plan:
     from sam3lora.demo.runs import base_of, newest_adapter
     from sam3lora.demo.service import BASE
     from sam3lora.inference.errors import PredictorError
-    from sam3lora.inference.loading import adapter_name_for
+    from sam3lora.inference.model_with_adapters import adapter_name_for
 
     adapters: dict[str, str] = {}
     notes: list[str] = []
@@ -124,8 +124,8 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Load the models, build the page and serve it until interrupted."""
-    from sam3lora.demo.app import build_app, launch
     from sam3lora.demo.examples import folder_examples, synthetic_examples
+    from sam3lora.demo.page import build_app, launch
     from sam3lora.demo.runs import synthetic_categories_of
     from sam3lora.demo.service import DemoService, UploadLimits
     from sam3lora.inference import PredictorError, Sam3LoRAPredictor

@@ -20,7 +20,7 @@ from sam3lora.config import CONF_DIR  # add your own directory: --config-dir DIR
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from sam3lora.errors import exit_status  # heavy imports after Hydra parsed the command line
-    from sam3lora.inference.eval_app import run
+    from sam3lora.inference.run_eval import run
 
     status = exit_status("sam3lora-eval", run, cfg)
     if status:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from sam3lora.model.loading import DTYPE_ALIASES
+from sam3lora.model.load_base import DTYPE_ALIASES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     """Merge and save; returns the exit status."""
     from sam3lora.export import export_merged
     from sam3lora.inference.errors import PredictorError
-    from sam3lora.inference.loading import load_for_inference
+    from sam3lora.inference.model_with_adapters import load_for_inference
     from sam3lora.io import atomic_dir
 
     out = Path(args.out)

@@ -14,7 +14,7 @@ from sam3lora.config import CONF_DIR  # add your own directory: --config-dir DIR
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def job(cfg: DictConfig) -> float | None:
-    from sam3lora.training.app import run_job  # heavy imports after Hydra has parsed the command line
+    from sam3lora.training.run_training import run_job  # heavy imports after Hydra has parsed the command line
 
     return run_job(cfg)  # a user error: one line on stderr, exit status 2 (HYDRA_FULL_ERROR=1: the traceback)
 

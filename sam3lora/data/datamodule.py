@@ -61,7 +61,7 @@ class Sam3DataModule(L.LightningDataModule):
         seed: shuffle and augmentation seed.
         on_bad_sample: ``raise`` or ``skip``.
         yolo_src: a YOLO dataset converted once into ``root`` by :meth:`prepare_data`.
-        synthetic: arguments of :func:`sam3lora.data.synthetic.write_synthetic` (train, val, size, seed,
+        synthetic: arguments of :func:`sam3lora.data.synthetic_shapes.write_synthetic` (train, val, size, seed,
             categories) and optionally ``root``, the one place it may generate into; :meth:`prepare_data`
             generates that set into ``root`` when ``root`` holds no dataset yet and is that place.
     """
@@ -171,7 +171,7 @@ class Sam3DataModule(L.LightningDataModule):
             raise DataError(self.root, "data.root does not exist")
 
     def _prepare_synthetic(self) -> None:
-        from sam3lora.data.synthetic import write_synthetic
+        from sam3lora.data.synthetic_shapes import write_synthetic
 
         settings = dict(self.synthetic or {})
         into = settings.pop("root", None)

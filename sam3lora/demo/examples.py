@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sam3lora.data.synthetic import write_synthetic
+from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.inference.images import find_images
 from sam3lora.model.tiny import sam3lora_home
 

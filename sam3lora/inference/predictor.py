@@ -25,7 +25,7 @@ from transformers import Sam3Processor
 
 from sam3lora.inference.errors import PredictorError, PromptError
 from sam3lora.inference.images import ImageInput, image_name, to_pil
-from sam3lora.inference.loading import LoadedModel, load_for_inference
+from sam3lora.inference.model_with_adapters import LoadedModel, load_for_inference
 from sam3lora.sam3 import VISUAL_PROMPT, sam3_forward, sam3_inputs, sam3_instances, sam3_keep
 
 __all__ = ["Prompt", "PromptResult", "Sam3LoRAPredictor", "make_prompts"]

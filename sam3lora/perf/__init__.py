@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sam3lora.model.loading import DTYPES
+from sam3lora.model.load_base import DTYPES
 from sam3lora.perf.checkpointing import AUTO, CHECKPOINTABLE, ENCODERS, RecomputeFlops, set_activation_checkpointing
 from sam3lora.perf.compile import compile_options
 from sam3lora.perf.feature_cache import (

@@ -134,7 +134,7 @@ def estimate_bytes(table: MemoryTable, preset: str, components: Iterable[str], i
 
 
 def _dtype(name: str) -> torch.dtype:
-    from sam3lora.model.loading import DTYPES
+    from sam3lora.model.load_base import DTYPES
 
     return DTYPES[name]
 

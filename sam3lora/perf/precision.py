@@ -26,7 +26,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 
 from sam3lora.lora import unwrap_base
-from sam3lora.model.loading import DTYPES
+from sam3lora.model.load_base import DTYPES
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CAST = "_sam3lora_cast"  # on a LoRA layer's float32 input: ((version, dtype), its autocast-dtype copy)

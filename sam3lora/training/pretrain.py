@@ -2,7 +2,7 @@
 
 ``scripts/pretrain_tiny.py`` makes the ``tiny-pretrained`` base with this module. Three parts:
 
-* :class:`TensorSet`: synthetic images rendered **once** (:func:`sam3lora.data.synthetic.render_image`, the same
+* :class:`TensorSet`: synthetic images rendered **once** (:func:`sam3lora.data.synthetic_shapes.render_image`, the same
   generator as the PNG sets) into one uint8 tensor file: images ``(N,3,S,S)``, an instance label map ``(N,S,S)``
   (visible masks never overlap, so one map holds them all; 0 is background, k the k-th instance) and the
   category id of every instance ``(N,M)``. The file is keyed by the generator settings and reused by every run
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.data.synthetic import MAX_OBJECTS, parse_categories, render_image
+from sam3lora.data.synthetic_shapes import MAX_OBJECTS, parse_categories, render_image
 from sam3lora.io import atomic_file
 from sam3lora.sam3 import tokenize
 from sam3lora.training.module import Sam3LoRAModule

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sam3lora.data.readers import CocoReader
 from sam3lora.inference.errors import PredictorError
 from sam3lora.inference.evaluate import EvalSettings, evaluate
-from sam3lora.inference.loading import adapter_name_for
+from sam3lora.inference.model_with_adapters import adapter_name_for
 from sam3lora.inference.predictor import Sam3LoRAPredictor
 from sam3lora.inference.report import bar_chart, markdown_table, write_json
 from sam3lora.io import write_whole

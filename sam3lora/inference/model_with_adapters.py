@@ -29,7 +29,7 @@ from sam3lora.adapter import (
 from sam3lora.inference.errors import PredictorError
 from sam3lora.lora import LoraSettings, apply_lora
 from sam3lora.model import load_model
-from sam3lora.model.loading import canonical_dtype as model_dtype
+from sam3lora.model.load_base import canonical_dtype as model_dtype
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # PEFT parameter names carry the adapter name right after one of these module names.
