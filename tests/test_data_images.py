@@ -44,7 +44,7 @@ def test_validation_transform_of_a_decoded_image_warns_nothing(tmp_path: Path) -
     ("The given NumPy array is not writable")."""
     path = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-    transform = build_transform(None, train=False, image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
+    transform = build_transform({"resize": "stretch"}, train=False, image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = transform(decode_image(path), [], seed=0)

@@ -119,7 +119,7 @@ def test_random_square_resizes_to_a_candidate_and_pads_at_random():
 def test_same_seed_same_output_and_other_seed_differs():
     image, instances = scene()
     flip = {"_target_": "albumentations.HorizontalFlip"}
-    cfg = {"resize": "random_square", "scale_range": [0.5, 1.0], "augment": [flip]}
+    cfg = {"resize": "random_square", "scale_range": [0.5, 1.0], "scale_step": 8, "augment": [flip]}
     a = make(cfg)(image, instances, seed=3)
     b = make(cfg)(image, instances, seed=3)
     assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.masks, b.masks)
@@ -156,9 +156,11 @@ def test_square_sizes_in_pixels_and_fractions():
         ({"resize": "random_square"}, False, "validation takes stretch or letterbox"),
         ({"resize": "stretch", "augment": [FLIP]}, False, "validation is resize only"),
         ({"resize": "stretch", "scale_range": [32, 64]}, True, "only apply to resize: random_square"),
-        ({"resize": "random_square", "scale_range": [32, 128]}, True, "max <= image_size"),
-        ({"augment": [{"p": 1.0}]}, True, "_target_"),
-        ({"augment": [{"_target_": "collections.OrderedDict"}]}, True, "not an albumentations transform"),
+        ({"resize": "random_square", "scale_range": [32, 128], "scale_step": 8}, True, "max <= image_size"),
+        ({"resize": "random_square", "scale_range": [32, 64]}, True, r"needs \['scale_step'\]"),
+        ({"augment": [FLIP]}, True, "transforms need 'resize'"),
+        ({"resize": "stretch", "augment": [{"p": 1.0}]}, True, "_target_"),
+        ({"resize": "stretch", "augment": [{"_target_": "collections.OrderedDict"}]}, True, "not an albumentations"),
     ],
 )
 def test_bad_configs_are_refused(cfg, train, match):
@@ -170,6 +172,6 @@ def test_an_augment_that_changes_the_size_or_dtype_is_refused():
     crop = {"_target_": "albumentations.CenterCrop", "height": 32, "width": 32}
     image, instances = scene()
     with pytest.raises(ValueError, match="changed the size"):
-        make({"augment": [crop]})(image, instances, seed=0)
+        make({"resize": "stretch", "augment": [crop]})(image, instances, seed=0)
     with pytest.raises(ValueError, match="must keep uint8"):
-        make({"augment": [{"_target_": "albumentations.Normalize"}]})(image, instances, seed=0)
+        make({"resize": "stretch", "augment": [{"_target_": "albumentations.Normalize"}]})(image, instances, seed=0)

@@ -106,7 +106,7 @@ def _augment_list(items: Sequence[Any] | None) -> list[A.BasicTransform | A.Base
 
 
 def _resize_ops(cfg: Mapping[str, Any], image_size: int, train: bool) -> list[A.BasicTransform | A.BaseCompose]:
-    mode = cfg.get("resize", "stretch")
+    mode = cfg["resize"]
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
     pad = dict(border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)
@@ -119,7 +119,10 @@ def _resize_ops(cfg: Mapping[str, Any], image_size: int, train: bool) -> list[A.
         ]
     if not train:
         raise ValueError("resize: random_square is a training augmentation; validation takes stretch or letterbox")
-    sizes = square_sizes(cfg.get("scale_range", [0.5, 1.0]), int(cfg.get("scale_step", 32)), image_size)
+    missing = [k for k in ("scale_range", "scale_step") if k not in cfg]
+    if missing:
+        raise ValueError(f"resize: random_square needs {missing} (conf/data/_common.yaml has the official values)")
+    sizes = square_sizes(cfg["scale_range"], int(cfg["scale_step"]), image_size)
     return [
         A.OneOf([A.Resize(s, s, interpolation=cv2.INTER_LINEAR, p=1.0) for s in sizes], p=1.0),
         A.PadIfNeeded(image_size, image_size, position="random", **pad),
@@ -225,13 +228,15 @@ def build_transform(
     unknown = set(cfg) - _KEYS
     if unknown:
         raise ValueError(f"unknown transform key(s) {sorted(unknown)}; known: {sorted(_KEYS)}")
+    if "resize" not in cfg:
+        raise ValueError(f"transforms need 'resize' (one of {RESIZE_MODES}), got keys {sorted(cfg)}")
     if not train:
         extra = sorted(k for k in ("scale_range", "scale_step") if k in cfg)
         if cfg.get("augment") or extra:
             raise ValueError(f"val_transforms takes only 'resize' (validation is resize only), got {sorted(cfg)}")
-    elif cfg.get("resize", "stretch") != "random_square":
+    elif cfg["resize"] != "random_square":
         extra = sorted(k for k in ("scale_range", "scale_step") if k in cfg)
         if extra:
-            raise ValueError(f"{extra} only apply to resize: random_square (resize is {cfg.get('resize', 'stretch')})")
+            raise ValueError(f"{extra} only apply to resize: random_square (resize is {cfg['resize']})")
     ops = _resize_ops(cfg, image_size, train) + (_augment_list(cfg.get("augment")) if train else [])
     return Sam3Transform(ops, image_size, mean, std, rescale_factor)
