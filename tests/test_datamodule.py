@@ -165,7 +165,7 @@ def test_forced_flip_moves_masks_and_boxes_together(processor, data_dir):
 
 def test_random_square_pads_and_keeps_objects_consistent(processor, data_dir):
     dm = make_dm(processor, data_dir, batch_size=6, train_transforms={"resize": "random_square",
-                                                                      "scale_range": [0.5, 0.75]})
+                                                                      "scale_range": [0.5, 0.75], "scale_step": 32})
     b = first(dm.train_dataloader())
     corners = set()
     for i in range(b.num_images):
