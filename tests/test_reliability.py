@@ -393,10 +393,10 @@ def test_offline_hub_model_fails_fast_with_the_help_first(
 ) -> None:
     import time
 
-    from sam3lora.model import ModelLoadError, load_model, loading
+    from sam3lora.model import ModelLoadError, load_base, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(loading, "_cached", lambda repo_id: False)  # whatever this machine's cache holds
+    monkeypatch.setattr(load_base, "_cached", lambda repo_id: False)  # whatever this machine's cache holds
     start = time.monotonic()
     code, stderr = train_job(job_cfg(synthetic_root, tmp_path, *SMALL, "model=sam3"), capsys)
     assert time.monotonic() - start < 20
@@ -405,7 +405,7 @@ def test_offline_hub_model_fails_fast_with_the_help_first(
     assert "HF_TOKEN" in stderr and "model=tiny" in stderr
     # online but the hub cannot be reached: the same at once, no connection retries
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(load_base, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ModelLoadError, match="^could not load 'facebook/sam3': cannot reach the Hugging Face hub"):
         load_model("sam3")
 

@@ -81,6 +81,8 @@ def _cast_once(layer: nn.Module, args: tuple) -> tuple | None:
     dtype = torch.get_autocast_dtype(x.device.type)
     if x.dtype != torch.float32 or dtype == torch.float32:
         return None
+    if x.is_inference():  # inference mode saves nothing for backward and tensors carry no version: cast, no cache
+        return (x.to(dtype), *args[1:])
     key, cast = x.__dict__.get(_CAST, (None, None))
     if key != (x._version, dtype):
         cast = x.to(dtype)
