@@ -160,16 +160,21 @@ def tiny_config(vocab_size: int, variant: str = "tiny") -> Sam3Config:
     )
 
 
-def tiny_processor(variant: str = "tiny") -> Sam3Processor:
-    """Sam3Processor for a tiny variant: SAM 3's image processing at 224 px and the tiny tokenizer."""
-    side = tiny_arch(variant).mask_side
+def offline_processor(image_size: int, mask_side: int) -> Sam3Processor:
+    """SAM 3's image processing (``image_size`` px in, masks at ``mask_side`` px, mean/std 0.5) with the offline
+    tiny tokenizer: what every model built here without the hub (tiny variants, random full-size) uses."""
     image_processor = Sam3ImageProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        mask_size={"height": side, "width": side},
+        size={"height": image_size, "width": image_size},
+        mask_size={"height": mask_side, "width": mask_side},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
     return Sam3Processor(image_processor=image_processor, tokenizer=tiny_tokenizer())
+
+
+def tiny_processor(variant: str = "tiny") -> Sam3Processor:
+    """Sam3Processor for a tiny variant: SAM 3's image processing at 224 px and the tiny tokenizer."""
+    return offline_processor(TINY_IMAGE_SIZE, tiny_arch(variant).mask_side)
 
 
 def build_tiny(seed: int = 0, variant: str = "tiny") -> tuple[Sam3Model, Sam3Processor]:

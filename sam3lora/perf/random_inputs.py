@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+from transformers import Sam3Config, Sam3Model, Sam3Processor
 
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.model.tiny import tiny_tokenizer
+from sam3lora.model.tiny import offline_processor
 from sam3lora.sam3 import TEXT_LENGTH
 
 PATCH = 14
@@ -32,14 +32,7 @@ def sam3_processor(image_size: int = 1008) -> Sam3Processor:
 
     The real CLIP tokenizer is on the gated hub; any ids below the vocabulary size serve for timing.
     """
-    mask = image_size * 2 // 7
-    image_processor = Sam3ImageProcessor(
-        size={"height": image_size, "width": image_size},
-        mask_size={"height": mask, "width": mask},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    return Sam3Processor(image_processor=image_processor, tokenizer=tiny_tokenizer())
+    return offline_processor(image_size, image_size * 2 // 7)
 
 
 def random_sam3(
