@@ -7,7 +7,7 @@
 #      best.safetensors). The state goes back in $OUT/gpu (state.pt, best.safetensors, history.json).
 #   2. With FIGURES=1 only (measured already, docs/gpu/*.json): the full-size SAM 3 architecture with random weights
 #      at 1008 px, bf16-mixed: step time and peak memory per LoRA preset and batch size, the memory switches on one
-#      preset, and prediction.
+#      preset (and all of them at once: issue #14's 24 GB target), torch.compile off/on, and prediction.
 # Knobs (environment): PRE_TRAIN (8192 images), PRE_BATCHES ("64 256 1024"), PRE_LR (2e-3), PRE_STEPS (20000; on resume
 # only when given: a longer run), PRE_WARM (1500), PRE_BF16 (1), PRE_DEVICE (cuda; cpu runs the same flow here).
 # Wheels of the Python packages the machine lacks travel in .whl/ (see docs/performance.md). Everything lands in
@@ -56,6 +56,11 @@ if [ "${FIGURES:-0}" = 1 ]; then
     --json "$OUT/gpu_train.json"
   timeout 80 "${BENCH[@]}" --presets balanced --batch-sizes 8 --activation-checkpointing off,on \
     --base-dtype float32,bfloat16 --time-budget 50 --json "$OUT/gpu_perf.json"
+  # issue #14's targets: balanced at batch 8 with every memory switch (peak <= 24 GB) and torch.compile (MFU)
+  timeout 150 "${BENCH[@]}" --presets balanced --batch-sizes 8 --activation-checkpointing all \
+    --base-dtype bfloat16 --time-budget 40 --json "$OUT/gpu_memory_switches.json"
+  timeout 240 "${BENCH[@]}" --presets balanced --batch-sizes 8 --compile off,on --time-budget 200 \
+    --json "$OUT/gpu_compile.json"
   timeout 45 python3 scripts/benchmark.py predict --model sam3-random --image-size 1008 --device cuda \
     --precision bf16-mixed --presets balanced --batch-sizes 1,8 --prompts 4 --steps 5 --warmup 2 --time-budget 25 \
     --json "$OUT/gpu_predict.json"
