@@ -45,3 +45,16 @@ def test_export_bf16_and_refuses_overwrite(tmp_path):
     model2, processor2 = load_model("tiny")
     with pytest.raises(FileExistsError):
         export_merged(apply_lora(model2, defaults("lora/_base", detr_decoder={"enabled": True})), processor2, out)
+
+
+@pytest.mark.parametrize("label", [-10, 1])  # text only (padding box) and an exemplar box
+def test_onnx_row_forward_runs_the_contract_like_sam3model_on_one_row(label):
+    from sam3lora.inference.onnx_export import _RowForward, sample_inputs
+
+    model, processor = load_model("tiny")
+    inputs = sample_inputs(processor, label=label)
+    with torch.no_grad():
+        got = _RowForward(model.eval())(**inputs)
+        ref = model(**inputs)
+    for g, r in zip(got, (ref.pred_logits, ref.pred_boxes, ref.presence_logits, ref.pred_masks), strict=True):
+        assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)

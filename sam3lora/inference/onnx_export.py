@@ -22,7 +22,7 @@ from transformers import Sam3Model, Sam3Processor
 
 from sam3lora.inference.errors import PredictorError
 from sam3lora.io import write_whole
-from sam3lora.sam3 import PAD_LABEL, tokenize
+from sam3lora.sam3 import PAD_LABEL, sam3_rows, tokenize
 
 INPUTS = ("pixel_values", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels")
 OUTPUTS = ("pred_logits", "pred_boxes", "presence_logits", "pred_masks")
@@ -34,7 +34,8 @@ class OnnxUnavailableError(PredictorError):
 
 
 class _RowForward(nn.Module):
-    """Sam3Model's forward on plain tensors -> ``(pred_logits, pred_boxes, presence_logits, pred_masks)``."""
+    """``sam3.sam3_rows`` on plain tensors (one row per image) -> ``(pred_logits, pred_boxes, presence_logits,
+    pred_masks)``."""
 
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
@@ -48,10 +49,11 @@ class _RowForward(nn.Module):
         input_boxes: torch.Tensor,
         input_boxes_labels: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        out = self.model(
-            pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-            input_boxes=input_boxes, input_boxes_labels=input_boxes_labels,
-        )
+        rows = {  # the contract's rows: row i is image i (one prompt per image)
+            "pixel_values": pixel_values, "image_index": torch.arange(input_ids.shape[0]), "input_ids": input_ids,
+            "attention_mask": attention_mask, "input_boxes": input_boxes, "input_boxes_labels": input_boxes_labels,
+        }
+        out = sam3_rows(self.model, rows)
         return out.pred_logits, out.pred_boxes, out.presence_logits, out.pred_masks
 
 
