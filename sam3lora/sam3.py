@@ -45,6 +45,11 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torc
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+def exemplar_boxes(xyxy: torch.Tensor) -> torch.Tensor:
+    """Exemplar boxes as the model reads them: normalised xyxy (K,4) -> normalised cxcywh (K,4)."""
+    return torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+
+
 def sam3_inputs(
     processor: Sam3Processor, images: list[Image.Image], prompts: list[tuple[str, list[list[float]]]]
 ) -> dict[str, torch.Tensor]:
@@ -68,8 +73,7 @@ def sam3_inputs(
         size = torch.tensor([image.width, image.height, image.width, image.height], dtype=torch.float32)
         for p, (_, boxes) in enumerate(prompts):
             if len(boxes):
-                xyxy = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / size
-                cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
+                cxcywh = exemplar_boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / size)
                 input_boxes[i, p, : len(cxcywh)] = cxcywh
                 labels[i, p, : len(cxcywh)] = 1
     return {

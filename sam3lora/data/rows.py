@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
-from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT
+from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT, exemplar_boxes
 
 PromptMode = Literal["text", "box", "text+box"]
 PROMPT_MODES: tuple[str, ...] = ("text", "box", "text+box")
@@ -91,8 +92,7 @@ def _exemplars(
         chosen = rng.choice(targets, size=k, replace=False)
     else:
         chosen = targets[:k_max]
-    xyxy = boxes_xyxy[chosen].astype(np.float32)
-    cxcywh = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+    cxcywh = exemplar_boxes(torch.from_numpy(boxes_xyxy[chosen].astype(np.float32))).numpy()
     return cxcywh, np.ones(len(chosen), np.int64)
 
 
