@@ -45,6 +45,23 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torc
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prompts of R rows, from HOST tensors (device ones would synchronise): ids and mask long (R, T).
+
+    Returns ``text_rows`` long (U,), the first row of each distinct (ids, mask) pair in order of appearance, and
+    ``text_index`` long (R,), row -> its entry of ``text_rows`` (``sam3_rows`` encodes the U rows once).
+    """
+    entry: dict[tuple[int, ...], int] = {}  # (ids, mask) -> its entry of text_rows
+    rows: list[int] = []
+    index: list[int] = []
+    for r, key in enumerate(map(tuple, torch.cat([input_ids, attention_mask], 1).tolist())):
+        if key not in entry:
+            entry[key] = len(rows)
+            rows.append(r)
+        index.append(entry[key])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
+
+
 def exemplar_boxes(xyxy: torch.Tensor) -> torch.Tensor:
     """Exemplar boxes as the model reads them: normalised xyxy (K,4) -> normalised cxcywh (K,4)."""
     return torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
@@ -63,7 +80,8 @@ def sam3_inputs(
     Returns:
         ``pixel_values`` (I,3,S,S), ``image_index`` long (I*P,) (row -> image), ``input_ids`` and
         ``attention_mask`` long (I*P,32), ``input_boxes`` (I*P,K,4) normalised cxcywh, ``input_boxes_labels``
-        long (I*P,K): 1 for an exemplar, -10 for padding (K >= 1: text-only rows get one padding box).
+        long (I*P,K): 1 for an exemplar, -10 for padding (K >= 1: text-only rows get one padding box),
+        ``text_rows`` long (U,) and ``text_index`` long (I*P,): the distinct prompts (``distinct_prompts``).
     """
     input_ids, attention_mask = tokenize(processor.tokenizer, [text for text, _ in prompts])
     slots = max([1] + [len(boxes) for _, boxes in prompts])
@@ -76,13 +94,17 @@ def sam3_inputs(
                 cxcywh = exemplar_boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / size)
                 input_boxes[i, p, : len(cxcywh)] = cxcywh
                 labels[i, p, : len(cxcywh)] = 1
+    input_ids, attention_mask = input_ids.repeat(len(images), 1), attention_mask.repeat(len(images), 1)
+    text_rows, text_index = distinct_prompts(input_ids, attention_mask)
     return {
         "pixel_values": processor(images=list(images), return_tensors="pt")["pixel_values"],
         "image_index": torch.arange(len(images)).repeat_interleave(len(prompts)),
-        "input_ids": input_ids.repeat(len(images), 1),
-        "attention_mask": attention_mask.repeat(len(images), 1),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
         "input_boxes": input_boxes.flatten(0, 1),
         "input_boxes_labels": labels.flatten(0, 1),
+        "text_rows": text_rows,
+        "text_index": text_index,
     }
 
 
@@ -96,9 +118,19 @@ def sam3_rows(
 
     The vision encoder runs once on ``pixel_values`` (I,3,S,S), unless ``vision`` (its output for those I images,
     e.g. from a feature cache) is given; its ``fpn_*`` features are indexed per row by ``image_index`` (R,).
-    ``text_embeds`` (the text encoder's output for the R rows) replaces ``input_ids`` when given. No casting:
-    inputs must be on the model's device.
+    ``text_embeds`` (the text encoder's output for the R rows) replaces ``input_ids`` when given. Otherwise, with
+    ``text_rows`` (U,) and ``text_index`` (R,) in ``inputs`` (``distinct_prompts``), the text encoder runs once per
+    distinct prompt and its output is indexed per row (gradients flow back through the index); without them it
+    runs per row. No casting: inputs must be on the model's device.
     """
+    if text_embeds is None and "text_index" in inputs:
+        first, index = inputs["text_rows"], inputs["text_index"]
+        distinct = model.get_text_features(
+            input_ids=inputs["input_ids"][first], attention_mask=inputs["attention_mask"][first], return_dict=True
+        )
+        text_embeds = BaseModelOutputWithPooling(
+            last_hidden_state=distinct.last_hidden_state[index], pooler_output=distinct.pooler_output[index]
+        )
     if vision is None:
         vision = model.get_vision_features(pixel_values=inputs["pixel_values"])
     rows = inputs["image_index"]

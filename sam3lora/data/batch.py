@@ -26,6 +26,9 @@ class Sam3Batch:
     category_ids        long (R,)               COCO category id of each row
     image_ids           long (I,)               COCO image id
     orig_sizes          long (I, 2)             original (height, width)
+    text_rows           long (U,) or None       first row of each distinct prompt (ids + mask): the text
+                                                encoder runs on these U rows only (``sam3.distinct_prompts``)
+    text_index          long (R,) or None       row -> its entry of ``text_rows``; None (both): once per row
     ==================  ======================  ===========================================================
 
     Lightning moves the tensors (targets included) to the device; ``pin_memory`` serves the DataLoader.
@@ -44,6 +47,8 @@ class Sam3Batch:
     category_ids: torch.Tensor
     image_ids: torch.Tensor
     orig_sizes: torch.Tensor
+    text_rows: torch.Tensor | None = None
+    text_index: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -55,8 +60,9 @@ class Sam3Batch:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The tensors ``Sam3Model`` takes, keyed as ``sam3lora.sam3.sam3_inputs`` (``sam3_rows`` runs them)."""
-        names = ("pixel_values", "image_index", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels")
-        return {name: getattr(self, name) for name in names}
+        names = ("pixel_values", "image_index", "input_ids", "attention_mask", "input_boxes", "input_boxes_labels",
+                 "text_rows", "text_index")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def rows_of_image(self, i: int) -> torch.Tensor:
         """Long (r,) indices of the rows of image ``i``."""

@@ -9,7 +9,7 @@ import torch
 
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.data.dataset import BadSampleFailure, ImageSample
-from sam3lora.sam3 import PAD_LABEL, TEXT_LENGTH, tokenize
+from sam3lora.sam3 import PAD_LABEL, TEXT_LENGTH, distinct_prompts, tokenize
 
 
 class Sam3Collate:
@@ -55,6 +55,7 @@ class Sam3Collate:
             targets.append({"boxes": s.boxes[idx], "masks": s.masks[idx], "has_mask": s.has_mask[idx]})
         prompts = [row.text for _, row in rows]
         input_ids, attention_mask = self._tokens(prompts)
+        text_rows, text_index = distinct_prompts(input_ids, attention_mask)  # on the host: no device read later
         size = self.image_size
         return Sam3Batch(
             pixel_values=torch.stack([s.pixel_values for s in samples]) if samples else torch.zeros(0, 3, size, size),
@@ -68,5 +69,7 @@ class Sam3Collate:
             category_ids=torch.tensor([row.category_id for _, row in rows], dtype=torch.long),
             image_ids=torch.tensor([s.image_id for s in samples], dtype=torch.long),
             orig_sizes=torch.tensor([s.orig_size for s in samples], dtype=torch.long).reshape(-1, 2),
+            text_rows=text_rows,
+            text_index=text_index,
         )
 

@@ -8,6 +8,7 @@ from transformers import Sam3Config, Sam3Model, Sam3Processor
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.model.tiny import offline_processor
 from sam3lora.sam3 import TEXT_LENGTH
+from sam3lora.sam3 import distinct_prompts as prompt_rows
 
 PATCH = 14
 
@@ -91,11 +92,13 @@ def synthetic_batch(
         for k, (x0, y0, x1, y1) in enumerate((boxes * size).long().tolist()):
             masks[k, y0:y1, x0:x1] = True
         targets.append({"boxes": boxes, "masks": masks, "has_mask": torch.ones(n, dtype=torch.bool)})
+    input_ids, attention_mask = table_ids[choice], table_mask[choice]
+    text_rows, text_index = prompt_rows(input_ids, attention_mask)
     batch = Sam3Batch(
         pixel_values=torch.randn(images, 3, size, size, generator=g),
         image_index=torch.arange(images).repeat_interleave(prompts),
-        input_ids=table_ids[choice],
-        attention_mask=table_mask[choice],
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         input_boxes=torch.zeros(rows, 1, 4),
         input_boxes_labels=torch.full((rows, 1), -10, dtype=torch.long),
         targets=targets,
@@ -103,6 +106,8 @@ def synthetic_batch(
         category_ids=choice + 1,
         image_ids=torch.arange(first_image_id, first_image_id + images),
         orig_sizes=torch.full((images, 2), size, dtype=torch.long),
+        text_rows=text_rows,
+        text_index=text_index,
     )
     return to_device(batch, device)
 

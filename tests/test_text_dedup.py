@@ -1,0 +1,38 @@
+"""The text encoder runs once per distinct prompt of a step (``sam3.distinct_prompts``, ``sam3.sam3_rows``), also
+when it carries adapters (``lora=full``): the loss and every gradient equal the per-row run's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from test_perf import assert_same_step, batch_for, build_module, loss_and_grads
+
+from sam3lora.sam3 import distinct_prompts
+
+
+def test_distinct_prompts_index_each_row_to_its_first_occurrence() -> None:
+    ids = torch.tensor([[5, 6], [7, 8], [5, 6], [5, 6], [7, 8]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0], [1, 0]])  # row 3: same ids as row 0, another mask
+    rows, index = distinct_prompts(ids, mask)
+    assert rows.tolist() == [0, 1, 3]
+    assert index.tolist() == [0, 1, 0, 2, 1]
+    assert torch.equal(ids[rows][index], ids) and torch.equal(mask[rows][index], mask)
+
+
+def test_an_adapted_text_encoder_runs_once_per_distinct_prompt_with_the_per_row_gradients() -> None:
+    module = build_module("lora=full", "++lora.init=false")  # random B: the text adapters change the outputs
+    assert any("text_encoder" in n for n in module.trainable_names())
+    batch = batch_for(module, images=2, prompts=3)  # 6 rows drawn from 3 prompt texts
+    assert batch.text_index is not None and len(batch.text_rows) < batch.num_rows
+    per_row = dataclasses.replace(batch, text_rows=None, text_index=None)
+    encoded: list[int] = []  # rows through the text encoder per forward
+    module.base_model.text_encoder.register_forward_pre_hook(
+        lambda _m, _a, kwargs: encoded.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    ref_loss, ref_grads = loss_and_grads(module, per_row)
+    assert encoded == [batch.num_rows]
+    loss, grads = loss_and_grads(module, batch)
+    assert encoded[1:] == [len(batch.text_rows)]
+    assert any("text_encoder" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert_same_step(loss, grads, ref_loss, ref_grads)
