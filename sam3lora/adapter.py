@@ -6,11 +6,12 @@ identity: name, architecture hash, weight hash; the LoRA settings). ``load_adapt
 agree before loading and that every tensor of the file ended up in the model, so a mismatch is an error instead
 of a model that silently loaded nothing.
 
-A Lightning checkpoint (``.ckpt``, for resuming) holds the trainable weights only (keys ``model.<peft name>``)
-plus ``checkpoint["sam3lora"] = {"base": base_fingerprint, "trainable": names, "lora": LoRA settings}``
-(``checkpoint_record``). ``Sam3LoRAModule.on_load_checkpoint`` (a resume) and the predictor (a ``.ckpt`` given
-as adapter) run the same ``check_checkpoint``; ``check_base`` is the one base check of adapter directories and
-checkpoints.
+A Lightning checkpoint (``.ckpt``, for resuming) is Lightning's own: the trainable weights only (keys
+``model.<peft name>``), the module's hyperparameters (``save_hyperparameters``: plain settings, among them
+``lora_settings``, read back by ``recorded_lora``) and ``checkpoint["sam3lora"] = {"base": base_fingerprint,
+"trainable": names}`` (``checkpoint_record``). ``Sam3LoRAModule.on_load_checkpoint`` runs ``check_checkpoint`` both
+in a resume and in ``Sam3LoRAModule.load_from_checkpoint``, which is how the predictor reads a ``.ckpt``;
+``check_base`` is the one base check of adapter directories and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningModule
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
@@ -30,11 +32,12 @@ from torch import nn
 from sam3lora.errors import Sam3LoRAError
 from sam3lora.fingerprint import base_fingerprint, peft_free_name, portable_fingerprint
 from sam3lora.io import atomic_dir
-from sam3lora.lora import unwrap_base
+from sam3lora.lora import LoraSettings, unwrap_base
 from sam3lora.model_card import write_adapter_card
 
 SIDECAR = "sam3lora.json"
 CHECKPOINT_KEY = "sam3lora"  # the checkpoint entry written by ``checkpoint_record``
+HPARAMS_KEY = LightningModule.CHECKPOINT_HYPER_PARAMS_KEY  # where Lightning keeps ``save_hyperparameters``' values
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -66,12 +69,27 @@ def check_base(model: nn.Module, recorded: Mapping[str, Any], source: str | Path
         )
 
 
-def checkpoint_record(model: nn.Module, settings: Any, trainable: Iterable[str]) -> dict[str, Any]:
-    """The ``checkpoint["sam3lora"]`` entry of a training checkpoint: ``model``'s base fingerprint, the names of the
-    ``trainable`` weights it holds (a manifest) and the LoRA ``settings`` (a dataclass; None when unknown), plain
-    types only (``torch.load(weights_only=True)`` reads it)."""
-    lora = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else None
-    return {"base": base_fingerprint(model), "trainable": sorted(trainable), "lora": lora}
+def checkpoint_record(model: nn.Module, trainable: Iterable[str]) -> dict[str, Any]:
+    """The ``checkpoint["sam3lora"]`` entry of a training checkpoint: ``model``'s base fingerprint and the names of
+    the ``trainable`` weights it holds (a manifest), plain types only (``torch.load(weights_only=True)`` reads it)."""
+    return {"base": base_fingerprint(model), "trainable": sorted(trainable)}
+
+
+def recorded_lora(checkpoint: Mapping[str, Any], source: str | Path) -> LoraSettings:
+    """The LoRA settings a sam3lora checkpoint records (the module's ``lora_settings`` hyperparameter).
+
+    Raises ``AdapterLoadError`` naming ``source`` when they are absent or invalid.
+    """
+    lora = (checkpoint.get(HPARAMS_KEY) or {}).get("lora_settings")
+    if not isinstance(lora, Mapping):
+        raise AdapterLoadError(
+            f"{source}: checkpoint records no LoRA settings (hyperparameter 'lora_settings' is empty), so its "
+            "adapters cannot be rebuilt; use the run's adapter directory (<run>/adapter) instead"
+        )
+    try:
+        return LoraSettings(**dict(lora))
+    except (TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{source}: recorded LoRA settings are invalid: {err}") from None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -144,8 +162,10 @@ def read_adapter_facts(adapter: str | Path) -> dict[str, Any]:
         sidecar = path / SIDECAR
         return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if path.is_file():
-        info = read_checkpoint(path).get(CHECKPOINT_KEY) or {}
-        return {"base": portable_fingerprint(info.get("base") or {}), "lora": info.get("lora")}
+        checkpoint = read_checkpoint(path)
+        info = checkpoint.get(CHECKPOINT_KEY) or {}
+        return {"base": portable_fingerprint(info.get("base") or {}),
+                "lora": (checkpoint.get(HPARAMS_KEY) or {}).get("lora_settings")}
     return {}
 
 

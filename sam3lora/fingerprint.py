@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def peft_free_name(name: str) -> str:
     """A parameter or module name without PEFT's ``.base_layer`` wrapper."""
     return name.replace(".base_layer", "")
+
+
+ADAPTER_SLOT = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(?=\.|$)"
+)
+"""Where a PEFT parameter name carries its adapter's name: group 1 the PEFT module kind, group 2 the adapter name."""
+
+
+def adapter_names(names: Iterable[str]) -> set[str]:
+    """The adapter names that PEFT parameter ``names`` carry (see ``ADAPTER_SLOT``)."""
+    return {m.group(2) for name in names for m in ADAPTER_SLOT.finditer(name)}
+
+
+def rename_adapter(names: Iterable[str], old: str, new: str) -> dict[str, str]:
+    """``{name: the same name with adapter ``old`` renamed to ``new``}`` for PEFT parameter ``names``."""
+    return {
+        name: ADAPTER_SLOT.sub(lambda m: f".{m.group(1)}.{new}" if m.group(2) == old else m.group(0), name)
+        for name in names
+    }
 
 
 def architecture_hash(config_dict: dict[str, Any]) -> str:

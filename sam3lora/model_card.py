@@ -31,6 +31,7 @@ import yaml
 from torch import nn
 
 from sam3lora.fingerprint import (
+    ADAPTER_SLOT,
     architecture_hash,
     base_fingerprint,
     is_hub_id,
@@ -52,9 +53,6 @@ TAGS = ["sam3", "lora", "peft", "sam3lora", "image-segmentation", "instance-segm
 #: validation metrics listed first in the evaluation table (the rest follow sorted)
 FIRST_METRICS = ("val/iou", "val/dice", "val/cgF1", "val/IL_MCC", "val/pmF1", "val/segm_AP", "val/bbox_AP", "val/loss")
 MAX_CATEGORY_ROWS = 100
-_ADAPTER_SLOT = re.compile(
-    r"\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(?:\.|$)"
-)
 PLAIN_TRANSFORMERS_NOTE = (
     "transformers' own `Sam3Processor(images=..., text=...)` + `post_process_instance_segmentation` gives other "
     "detections than this model was trained and evaluated with: (1) for a text-only prompt the processor sends no "
@@ -98,12 +96,12 @@ def lora_facts(model: nn.Module, settings: Any = None, adapter_name: str | None 
     per_component: dict[str, dict[str, int]] = {}
     base_params = 0
     for pname, param in model.named_parameters():
-        slot = _ADAPTER_SLOT.search(pname)
+        slot = ADAPTER_SLOT.search(pname)
         if slot is None:
             if "original_module" not in pname and ".modules_to_save." not in pname:
                 base_params += param.numel()
             continue
-        if slot.group(1) != name:
+        if slot.group(2) != name:
             continue
         row = per_component.setdefault(component_of(pname), {"parameters": 0, "layers": 0})
         row["parameters"] += param.numel()

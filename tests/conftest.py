@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -56,7 +57,7 @@ def tiny():
     """A fresh ``(model, processor)`` of the tiny preset (seed 0), loaded through ``from_pretrained``."""
     from sam3lora.model import load_model
 
-    return load_model("tiny")
+    return load_model("tiny", dtype="float32", seed=0)
 
 
 def make_inputs(processor, rows: int = 2, boxes: bool = False, text: bool = True, seed: int = 0) -> dict:
@@ -81,3 +82,14 @@ def make_inputs(processor, rows: int = 2, boxes: bool = False, text: bool = True
         inputs["input_boxes"] = torch.zeros(rows, 1, 4)
         inputs["input_boxes_labels"] = torch.full((rows, 1), -10)
     return inputs
+
+
+def save_lightning_checkpoint(module: L.LightningModule, path: Path) -> dict:
+    """Write ``module``'s checkpoint as a ``fit`` writes it (Lightning's own dump: hyperparameters, loops, version,
+    then the module's ``on_save_checkpoint``), without training; returns what was written."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path, weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+

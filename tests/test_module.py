@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import save_lightning_checkpoint
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -23,10 +25,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from sam3lora.adapter import recorded_lora
 from sam3lora.config import defaults
 from sam3lora.lora import apply_lora, component_of
 from sam3lora.model import load_model
-from sam3lora.training.module import Sam3LoRAModule
+from sam3lora.training.module import SOURCE_KWARG, Sam3LoRAModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -186,10 +189,9 @@ def test_training_step_reduces_the_loss_and_only_adapters_get_gradients(syntheti
 
 
 def saved_checkpoint(module: Sam3LoRAModule) -> dict:
-    """What Lightning hands to ``on_save_checkpoint``, after the hook ran."""
-    checkpoint = {"state_dict": module.state_dict(), "epoch": 0}
-    module.on_save_checkpoint(checkpoint)
-    return checkpoint
+    """The checkpoint Lightning writes for ``module`` (``on_save_checkpoint`` included), as read back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_lightning_checkpoint(module, Path(tmp) / "module.ckpt")
 
 
 def nbytes(obj: object) -> int:
@@ -216,7 +218,7 @@ def test_checkpoint_keeps_only_trainable_weights(synthetic_root: Path, minimal_c
     state = checkpoint["state_dict"]
     assert state and all("lora_" in k for k in state)
     assert set(checkpoint["sam3lora"]["trainable"]) == set(state)
-    assert checkpoint["sam3lora"]["lora"]["rank"] == 8  # the preset's settings travel with it
+    assert checkpoint["hyper_parameters"]["lora_settings"]["rank"] == 8  # the preset's settings travel with it
     assert checkpoint["sam3lora"]["base"]["weights"] is not None
     size_mb, full_mb = nbytes(checkpoint) / 2**20, nbytes(full) / 2**20
     trainable_mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
@@ -236,6 +238,36 @@ def test_checkpoint_round_trip_restores_the_adapters(
     restored = module.state_dict()
     for key, value in checkpoint["state_dict"].items():
         torch.testing.assert_close(restored[key], value, rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_rebuilds_the_module_from_its_hyperparameters(
+    synthetic_root: Path, minimal_checkpoint: tuple[dict, dict], tmp_path: Path
+) -> None:
+    """Lightning's ``load_from_checkpoint`` (what the predictor runs on a ``.ckpt``): the settings come back from the
+    checkpoint's plain hyperparameters (``weights_only`` loading), the weights through ``on_load_checkpoint``'s
+    checks, and a checkpoint of another base is refused naming the file."""
+    checkpoint, _ = minimal_checkpoint
+    path = tmp_path / "minimal.ckpt"
+    torch.save(checkpoint, path)
+    cfg = compose_cfg(synthetic_root, "lora=minimal")
+    built = build_module(cfg)
+    model, _ = load_model(**cfg.model)
+    peft_model = apply_lora(model, recorded_lora(checkpoint, path))
+    loaded = Sam3LoRAModule.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True, model=peft_model, criterion=None, optimizer=None,
+        **{SOURCE_KWARG: str(path)},
+    )
+    assert loaded.model is peft_model and loaded.lora_settings == built.lora_settings
+    assert (loaded.schedule, loaded.metric_settings, loaded.perf) == (built.schedule, built.metric_settings, built.perf)
+    restored = loaded.state_dict()
+    for key, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="Sam3LoRAModule was built without an optimizer"):
+        loaded.configure_optimizers()
+    other, _ = load_model(**(dict(cfg.model) | {"seed": 1}))
+    with pytest.raises(ValueError, match=rf"^{path}: trained on base .*weights"):
+        Sam3LoRAModule.load_from_checkpoint(path, weights_only=True, model=apply_lora(other, loaded.lora_settings),
+                                            criterion=None, optimizer=None, **{SOURCE_KWARG: str(path)})
 
 
 def test_checkpoint_from_another_base_is_refused(synthetic_root: Path, minimal_checkpoint: tuple[dict, dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import save_lightning_checkpoint
 from PIL import Image
 from torch import nn
 
@@ -27,7 +28,7 @@ def lora_settings() -> LoraSettings:
 
 def make_adapter(path, seed: int, base_seed: int = 0):
     """Save a random adapter for the tiny preset of ``base_seed``; returns the PEFT model it came from."""
-    model, _ = load_model("tiny", seed=base_seed)
+    model, _ = load_model("tiny", dtype="float32", seed=base_seed)
     torch.manual_seed(seed)
     peft_model = apply_lora(model, lora_settings()).eval()
     save_adapter(peft_model, path, lora_settings())
@@ -35,11 +36,10 @@ def make_adapter(path, seed: int, base_seed: int = 0):
 
 
 def make_checkpoint(path, peft_model) -> None:
-    """A checkpoint as Sam3LoRAModule.on_save_checkpoint writes it (trainable weights + base + LoRA settings)."""
+    """A checkpoint as a training run writes it: Lightning's dump (the hyperparameters, LoRA settings among them),
+    then ``Sam3LoRAModule.on_save_checkpoint`` (trainable weights + base)."""
     module = defaults("module/default", model=peft_model, criterion=nn.Module(), lora_settings=lora_settings())
-    checkpoint = {"state_dict": module.state_dict(), "epoch": 0}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
+    save_lightning_checkpoint(module, path)
 
 
 def images(n: int = 3, seed: int = 0) -> list[Image.Image]:
@@ -249,15 +249,15 @@ def test_checkpoint_missing_a_weight_is_refused(adapters, tmp_path):
 
 
 def test_a_checkpoint_goes_through_the_checks_of_a_resume(adapters, tmp_path):
-    """The predictor checks a ``.ckpt`` with the function ``Sam3LoRAModule.on_load_checkpoint`` runs: weights it
-    does not expect are refused (a resume with ``strict_loading`` off would drop them without a word)."""
+    """The predictor reads a ``.ckpt`` through ``Sam3LoRAModule.load_from_checkpoint``, so through the
+    ``on_load_checkpoint`` checks of a resume: weights it does not expect are refused (``strict_loading`` is off)."""
     ckpt = torch.load(adapters / "a.ckpt", weights_only=True)
     ckpt["state_dict"]["model.base_model.model.no_such_module.lora_A.default.weight"] = torch.zeros(4, 4)
     torch.save(ckpt, tmp_path / "extra.ckpt")
     with pytest.raises(AdapterMismatchError, match=r"extra.ckpt: holds 1 weight\(s\) this model does not train"):
         Sam3LoRAPredictor.from_pretrained("tiny", tmp_path / "extra.ckpt")
     del ckpt["state_dict"]["model.base_model.model.no_such_module.lora_A.default.weight"]
-    ckpt["sam3lora"]["lora"] = None  # a checkpoint of a module built without LoRA settings
+    ckpt["hyper_parameters"]["lora_settings"] = None  # a checkpoint of a module built without LoRA settings
     torch.save(ckpt, tmp_path / "unset.ckpt")
     with pytest.raises(AdapterLoadError, match="records no LoRA settings"):
         Sam3LoRAPredictor.from_pretrained("tiny", tmp_path / "unset.ckpt")

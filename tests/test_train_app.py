@@ -391,7 +391,7 @@ def test_outputs_of_a_short_full_run(synthetic_root: Path, tmp_path: Path) -> No
     base, _ = load_model(**cfg.model)
     full_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     assert (out / "checkpoints" / "best.ckpt").stat().st_size < full_bytes / 5
-    assert best_ckpt["sam3lora"]["lora"]["rank"] == 8  # the LoRA settings travel in the checkpoint
+    assert best_ckpt["hyper_parameters"]["lora_settings"]["rank"] == 8  # the LoRA settings travel in the checkpoint
     # adapter/: PEFT format that plain peft loads, holding the best checkpoint's weights
     sidecar = json.loads((out / "adapter" / "sam3lora.json").read_text())
     assert sidecar["lora"]["rank"] == 8 and sidecar["base"]["weights"] is not None

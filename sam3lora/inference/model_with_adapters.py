@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from peft import PeftModel
 from torch import nn
@@ -21,21 +20,19 @@ from transformers import Sam3Processor
 from sam3lora.adapter import (
     AdapterLoadError,
     check_base,
-    check_checkpoint,
     checkpoint_info,
     load_adapter,
     read_checkpoint,
+    recorded_lora,
 )
+from sam3lora.config import defaults
 from sam3lora.inference.errors import PredictorError
-from sam3lora.lora import LoraSettings, apply_lora
+from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.model.load_base import canonical_dtype as model_dtype
+from sam3lora.training.module import SOURCE_KWARG, Sam3LoRAModule
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-# PEFT parameter names carry the adapter name right after one of these module names.
-_ADAPTER_SLOT = re.compile(
-    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|modules_to_save)\.([^.]+)(?=\.|$)"
-)
 
 
 @dataclass
@@ -75,50 +72,25 @@ def _check_name(name: str) -> None:
         raise PredictorError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
 
 
-def recorded_settings(checkpoint: Mapping[str, Any], path: Path) -> LoraSettings:
-    """The LoRA settings a sam3lora checkpoint records (``AdapterLoadError`` when absent or invalid)."""
-    lora = checkpoint_info(checkpoint, path).get("lora")
-    if not isinstance(lora, Mapping):
-        raise AdapterLoadError(
-            f"{path}: checkpoint records no LoRA settings ('sam3lora.lora' is empty), so its adapters cannot be "
-            "rebuilt; use the run's adapter directory (<run>/adapter) instead"
-        )
-    try:
-        return LoraSettings(**dict(lora))
-    except (TypeError, ValueError) as err:
-        raise AdapterLoadError(f"{path}: recorded LoRA settings are invalid: {err}") from None
-
-
-def _renamed(state: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
-    """``state`` (one adapter's weights, PEFT parameter names) with its adapter name replaced by ``name``."""
-    saved_names = {m.group(2) for k in state for m in _ADAPTER_SLOT.finditer(k)}
-    if len(saved_names) != 1:
-        raise AdapterLoadError(f"{path}: expected the weights of one adapter, found names {sorted(saved_names)}")
-    (saved,) = saved_names
-    return {
-        _ADAPTER_SLOT.sub(lambda m: f".{m.group(1)}.{name}" if m.group(2) == saved else m.group(0), k): v
-        for k, v in state.items()
-    }
-
-
 def load_checkpoint_adapter(model: nn.Module, path: str | Path, name: str = "default") -> PeftModel:
     """Load the adapter of a sam3lora Lightning checkpoint onto ``model`` (a base or a ``PeftModel``) as ``name``.
 
     The checkpoint's recorded LoRA settings build the adapter layout (``apply_lora``, as training built it); then
-    the checkpoint goes through the checks a resume runs (``sam3lora.adapter.check_checkpoint``: the base, and
-    weights exactly the adapter's) and is loaded with ``load_state_dict``.
+    ``Sam3LoRAModule.load_from_checkpoint`` restores it, through the checks a resume runs (the base, and weights
+    exactly the adapter's). The module is discarded and its loss hooks removed; the returned model has ``name`` active.
     """
     path = Path(path)
     _check_name(name)
     checkpoint = read_checkpoint(path)
-    settings = recorded_settings(checkpoint, path)
+    settings = recorded_lora(checkpoint, path)
     check_base(model, checkpoint_info(checkpoint, path)["base"], path)  # before the model is changed
-    state = _renamed({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}, name, path)
     peft_model = apply_lora(model, settings, adapter_name=name)
-    expected = {k for k in peft_model.state_dict() if any(m.group(2) == name for m in _ADAPTER_SLOT.finditer(k))}
-    check_checkpoint(peft_model, {**checkpoint, "state_dict": state}, expected, path)
-    peft_model.load_state_dict(state, strict=False)  # exactly the adapter's weights (checked above)
-    return peft_model
+    peft_model.set_adapter(name)  # trainable: the weights the checkpoint restores, as in training
+    module = Sam3LoRAModule.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True, model=peft_model, criterion=None, optimizer=None,
+        perf=defaults("module/default.perf"), **{SOURCE_KWARG: str(path)},
+    )
+    return module.unhook().requires_grad_(False)
 
 
 def attach_adapter(model: nn.Module, source: str | Path, name: str) -> PeftModel:
@@ -136,9 +108,9 @@ def load_for_inference(
     base: str,
     adapter: str | Path | Mapping[str, str | Path] | None = None,
     *,
-    dtype: str = "float32",
+    dtype: str,
     merge: bool = True,
-    seed: int = 0,
+    seed: int,
     image_size: int | None = None,
 ) -> LoadedModel:
     """Load the base once and attach the adapter(s).
@@ -156,7 +128,7 @@ def load_for_inference(
         if not Path(source).exists():
             raise AdapterLoadError(f"{source}: no such adapter directory or checkpoint file")
         if Path(source).is_file():
-            recorded_settings(read_checkpoint(source), Path(source))  # fails here, not after loading the base
+            recorded_lora(read_checkpoint(source), Path(source))  # fails here, not after loading the base
     model, processor = load_model(base, dtype=canonical_dtype(dtype), seed=seed, image_size=image_size)
     if not sources:
         return LoadedModel(model.eval(), processor)

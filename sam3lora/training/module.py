@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -29,13 +29,14 @@ from torchvision.ops import box_convert
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput, inverse_sigmoid
 
-from sam3lora.adapter import CHECKPOINT_KEY, check_checkpoint, checkpoint_record
+from sam3lora.adapter import CHECKPOINT_KEY, HPARAMS_KEY, check_checkpoint, checkpoint_record
 from sam3lora.data.batch import Sam3Batch
-from sam3lora.fingerprint import base_fingerprint
-from sam3lora.lora import component_of, unwrap_base
+from sam3lora.fingerprint import adapter_names, base_fingerprint, rename_adapter
+from sam3lora.lora import LoraSettings, component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
 from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
 from sam3lora.model.host_shapes import keep_spatial_shapes_on_host
+from sam3lora.model.materialised_masks import materialise_attention_masks
 from sam3lora.perf import (
     CHECKPOINTABLE,
     PerfSettings,
@@ -94,13 +95,21 @@ class Sam3LoRAModule(L.LightningModule):
     Args:
         model: ``Sam3Model`` with adapters (``peft.PeftModel``); only parameters with ``requires_grad`` train.
         criterion: ``Sam3Criterion`` (or any module with ``match(outputs, targets)`` and
-            ``forward(outputs, targets, indices) -> {"loss": ..., "<term>": ...}``).
-        optimizer: factory ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW, lr=...)``).
+            ``forward(outputs, targets, indices) -> {"loss": ..., "<term>": ...}``); None: a module built only to
+            load a checkpoint's weights (``load_from_checkpoint``), which cannot train.
+        optimizer: factory ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.AdamW, lr=...)``); None as
+            for ``criterion``.
         scheduler: schedule settings; sized from ``trainer.estimated_stepping_batches``.
         metrics: validation metric settings.
         component_lr: optional learning rate per component (``vision_encoder``, ``detr_decoder``, ...); None: one.
         perf: speed/memory switches (activation checkpointing, vision/text feature caches).
         lora_settings: the LoRA settings, recorded beside exported adapters.
+
+    The settings (each a dataclass, or a mapping of its fields) are the module's hyperparameters
+    (``save_hyperparameters``, plain types): a checkpoint carries them, and
+    ``Sam3LoRAModule.load_from_checkpoint(path, model=..., criterion=..., optimizer=...)`` rebuilds the module from
+    it, running the same ``on_load_checkpoint`` checks as a resume. ``model``, ``criterion`` and ``optimizer`` are
+    built objects and are passed again.
 
     ``sam3lora.config.defaults("module/default.<key>")`` builds the shipped scheduler, metrics and perf settings.
 
@@ -111,31 +120,38 @@ class Sam3LoRAModule(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        criterion: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: ScheduleSettings,
-        metrics: MetricSettings,
+        criterion: nn.Module | None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        scheduler: ScheduleSettings | Mapping[str, Any],
+        metrics: MetricSettings | Mapping[str, Any],
         component_lr: Mapping[str, float] | None,
-        perf: PerfSettings,
-        lora_settings: Any = None,
+        perf: PerfSettings | Mapping[str, Any],
+        lora_settings: LoraSettings | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        scheduler, metrics = _settings(ScheduleSettings, scheduler), _settings(MetricSettings, metrics)
+        perf, lora_settings = _settings(PerfSettings, perf), _settings(LoraSettings, lora_settings)
+        self.save_hyperparameters(
+            {"scheduler": asdict(scheduler), "metrics": asdict(metrics), "component_lr": dict(component_lr or {}),
+             "perf": asdict(perf), "lora_settings": None if lora_settings is None else asdict(lora_settings)},
+            logger=False,
+        )
         self.model = model
         self.criterion = criterion
         self.optimizer_factory = optimizer
         self.schedule = scheduler
         self.metric_settings = metrics
         self.component_lr = dict(component_lr or {})
-        if isinstance(lora_settings, DictConfig):  # hydra.utils.instantiate turns a dataclass kwarg into a config
-            lora_settings = OmegaConf.to_object(lora_settings)
         self.lora_settings = lora_settings
         self.strict_loading = False  # checkpoints hold trainable weights only; on_load_checkpoint verifies them
         self._captured: dict[str, Any] = {}
         base = self.base_model
-        base.get_submodule("dot_product_scoring").register_forward_hook(self._capture("layer_logits"))
-        base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder"))
-        # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
-        base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets"))
+        self._hooks = [
+            base.get_submodule("dot_product_scoring").register_forward_hook(self._capture("layer_logits")),
+            base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder")),
+            # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
+            base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets")),
+        ]
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
         keep_spatial_shapes_on_host(base)  # no .item() per decoder layer (sam3lora.model.host_shapes)
         self._dac_ready = False
@@ -146,19 +162,19 @@ class Sam3LoRAModule(L.LightningModule):
         self.cgf1 = CgF1Accumulator(metrics.score_threshold)
         self.coco_ap = CocoApAccumulator(max_dets=metrics.max_detections)
         self._check_component_lr()  # a typo fails at build time, not after a validation pass
-        self._check_optimizer()
+        if optimizer is not None:
+            self._check_optimizer()
         self._low_precision = prepare_low_precision_base(self.model)  # None for a float32 base
         self.vision_cache: VisionFeatureCache | None = None
         self.text_cache: TextFeatureCache | None = None
         self.configure_perf(perf)
 
-    def configure_perf(self, perf: PerfSettings) -> None:
+    def configure_perf(self, perf: PerfSettings | Mapping[str, Any]) -> None:
         """Apply ``perf``: activation checkpointing on the chosen encoders (off on the others), fresh caches.
 
         Raises ``FeatureCacheError`` when a cache is asked for an encoder that trains (or has active dropout).
         """
-        if isinstance(perf, DictConfig):
-            perf = OmegaConf.to_object(perf)
+        perf = _settings(PerfSettings, perf)
         set_activation_checkpointing(self.model, CHECKPOINTABLE, enabled=False)
         if perf.checkpoint_components:
             set_activation_checkpointing(self.model, perf.checkpoint_components)
@@ -178,6 +194,7 @@ class Sam3LoRAModule(L.LightningModule):
             check_frozen(self.model, "text_encoder", "module.perf.cache_text_features")
             self.text_cache = TextFeatureCache()
         set_compile(self.model, self.criterion, perf.compile_options)
+        materialise_attention_masks(self.base_model)  # no padding_mask.all() per mask (model.materialised_masks)
         self.perf = perf
 
     def setup(self, stage: str) -> None:
@@ -205,8 +222,11 @@ class Sam3LoRAModule(L.LightningModule):
             return
         base = self.base_model
         install_dac_hooks(base)
-        base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True)
-        base.get_submodule("mask_decoder.instance_projection").register_forward_hook(self._capture("instance_embeds"))
+        self._hooks += [
+            base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True),
+            base.get_submodule("mask_decoder.instance_projection").register_forward_hook(
+                self._capture("instance_embeds")),
+        ]
         self._dac_ready = True
 
     def _keep_decoder_inputs(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
@@ -430,7 +450,19 @@ class Sam3LoRAModule(L.LightningModule):
         except (TypeError, ValueError) as err:
             raise ValueError(f"module.optimizer: {err}") from err
 
+    def unhook(self) -> nn.Module:
+        """Remove the hooks that feed this module's losses from ``model`` (they keep each forward's outputs alive) and
+        return it: for a model that lives on without the module, e.g. after ``load_from_checkpoint``. Hooks that do
+        not change outputs (host shapes, DAC self-attention, CPU roi features) stay."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._captured.clear()
+        return self.model
+
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ValueError("Sam3LoRAModule was built without an optimizer (optimizer=None): it cannot train")
         optimizer = self.optimizer_factory(self.param_groups())
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = self.schedule.build(optimizer, total)
@@ -440,15 +472,48 @@ class Sam3LoRAModule(L.LightningModule):
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; without ``strict`` (checkpoints hold the trainable weights only) the frozen
+        weights a checkpoint leaves out by design are not reported missing: only trainable ones would be."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if not strict:
+            trainable = self.trainable_names()
+            result.missing_keys[:] = [key for key in result.missing_keys if key in trainable]
+        return result
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights (megabytes, not the gigabytes of the frozen base) plus the base identity and
-        LoRA settings (``sam3lora.adapter.checkpoint_record``)."""
+        the manifest of those weights (``sam3lora.adapter.checkpoint_record``; the settings are the hyperparameters
+        Lightning saves)."""
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[CHECKPOINT_KEY] = checkpoint_record(self.model, self.lora_settings, keep)
+        checkpoint[CHECKPOINT_KEY] = checkpoint_record(self.model, keep)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made on another base, or one whose weights are not exactly this model's trainable
-        ones (``sam3lora.adapter.check_checkpoint``, which the predictor runs on a ``.ckpt`` too)."""
-        source = getattr(self._trainer, "ckpt_path", None) or "checkpoint"  # the file, in a resume
+        ones (``sam3lora.adapter.check_checkpoint``), in a resume and in ``load_from_checkpoint``.
+
+        The checkpoint's adapter is restored into this model's active adapter: a checkpoint saved as ``default``
+        loads as adapter ``name`` when ``model`` is a ``PeftModel`` whose active (trainable) adapter is ``name``.
+        """
+        source = (getattr(self._trainer, "ckpt_path", None)  # the file, in a resume
+                  or (checkpoint.get(HPARAMS_KEY) or {}).get(SOURCE_KWARG) or "checkpoint")
+        active = getattr(self.model, "active_adapter", None)
+        saved = adapter_names(checkpoint["state_dict"])
+        if isinstance(active, str) and len(saved) == 1 and saved != {active}:
+            renamed = rename_adapter(checkpoint["state_dict"], saved.pop(), active)
+            checkpoint["state_dict"] = {renamed[k]: v for k, v in checkpoint["state_dict"].items()}
         check_checkpoint(self.model, checkpoint, self.trainable_names(), source=source)
+
+
+SOURCE_KWARG = "checkpoint_source"
+"""``Sam3LoRAModule.load_from_checkpoint(path, ..., checkpoint_source=path)`` names the file in its errors (Lightning
+hands extra keyword arguments to ``on_load_checkpoint`` among the hyperparameters, not to ``__init__``)."""
+
+
+def _settings(cls: type, value: Any) -> Any:
+    """``value`` as the dataclass ``cls``: a mapping (a checkpoint's hyperparameters, a Hydra node) of its fields is
+    built into one; an instance (or None) is returned as is."""
+    if isinstance(value, DictConfig):  # hydra.utils.instantiate turns a dataclass kwarg into a config
+        value = OmegaConf.to_container(value, resolve=True)
+    return cls(**value) if isinstance(value, Mapping) else value
