@@ -37,7 +37,7 @@ PRE=(python3 scripts/pretrain_tiny.py --device "${PRE_DEVICE:-cuda}" --train "${
      --val "${PRE_VAL:-64}" --cache /tmp/pretrain-cache)
 [ "${PRE_BF16:-1}" = 1 ] && PRE+=(--bf16)
 echo "== pretraining: image passes/s ($(left) s left)"
-load_model() { python3 -c "from sam3lora.model import load_model; load_model('tiny')"; }
+load_model() { python3 -c "from sam3lora.model import load_model; load_model('tiny', dtype='float32', seed=0)"; }
 load_model || exit 1
 for batch in ${PRE_BATCHES:-64 256 1024}; do  # the first call renders the cached set (all cores), the others reuse it
   [ "$(left)" -lt 300 ] && break  # keep most of the session for training

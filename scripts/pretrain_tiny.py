@@ -98,7 +98,7 @@ def load_weights(model: torch.nn.Module, weights: Path) -> None:
 def load_variant(variant: str, seed: int) -> tuple[torch.nn.Module, Any]:
     """A tiny variant (``sam3lora.model.tiny.TINY_VARIANTS``) with random weights from ``seed``, loaded through
     ``from_pretrained`` as every other base, and its processor."""
-    return load_model(str(materialise_tiny(seed, variant=variant)))
+    return load_model(str(materialise_tiny(seed, variant=variant)), dtype="float32", seed=seed)
 
 
 def package(weights: Path, out: Path, seed: int, record_path: Path | None, variant: str) -> None:

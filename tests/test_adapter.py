@@ -18,7 +18,7 @@ from sam3lora.model import build_tiny, load_model
 
 def trained_adapter(tmp_path, variant="lora", modules_to_save=()):
     """A tiny adapter with non-zero weights (random B), saved to ``tmp_path/adapter``; returns (dir, outputs)."""
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     settings = defaults(
         "lora/_base", variant=variant, init=False, rank=4, detr_decoder={"enabled": True},
         mask_decoder={"enabled": True}, modules_to_save=list(modules_to_save),
@@ -34,7 +34,7 @@ def trained_adapter(tmp_path, variant="lora", modules_to_save=()):
 def test_saved_adapter_is_plain_peft_and_restores_identical_outputs(tmp_path):
     path, inputs, reference = trained_adapter(tmp_path)
     assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
-    base, _ = load_model("tiny")
+    base, _ = load_model("tiny", dtype="float32", seed=0)
     with torch.no_grad():
         untouched = base(**inputs)
     assert not torch.allclose(untouched.pred_logits, reference.pred_logits)  # the adapter does something
@@ -48,7 +48,7 @@ def test_saved_adapter_is_plain_peft_and_restores_identical_outputs(tmp_path):
 @pytest.mark.parametrize("variant,modules_to_save", [("dora", ()), ("lora", ("dot_product_scoring",))])
 def test_our_loader_verifies_every_tensor(tmp_path, variant, modules_to_save):
     path, inputs, reference = trained_adapter(tmp_path, variant, modules_to_save)
-    base, _ = load_model("tiny")
+    base, _ = load_model("tiny", dtype="float32", seed=0)
     restored = load_adapter(base, path)
     with torch.no_grad():
         out = restored(**inputs)
@@ -86,19 +86,19 @@ def test_shape_mismatch_without_sidecar_is_named(tmp_path):
     key = next(k for k in tensors if ".lora_A." in k)
     tensors[key] = torch.zeros(4, 5)
     save_file(tensors, path / "adapter_model.safetensors")
-    base, _ = load_model("tiny")
+    base, _ = load_model("tiny", dtype="float32", seed=0)
     with pytest.raises(AdapterMismatchError, match="does not fit"):
         load_adapter(base, path)
 
 
 def test_missing_files_are_named(tmp_path):
-    base, _ = load_model("tiny")
+    base, _ = load_model("tiny", dtype="float32", seed=0)
     with pytest.raises(AdapterMismatchError, match="missing adapter_config.json"):
         load_adapter(base, tmp_path)
 
 
 def test_save_refuses_non_empty_dir_unless_overwrite(tmp_path):
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny", dtype="float32", seed=0)
     peft_model = apply_lora(model, defaults("lora/_base", detr_decoder={"enabled": True}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

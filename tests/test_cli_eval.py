@@ -34,7 +34,7 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 def make_adapter(path: Path) -> Path:
     """A random-B LoRA adapter for the tiny preset (its outputs differ from the base)."""
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny", dtype="float32", seed=0)
     torch.manual_seed(1)
     settings = defaults(
         "lora/_base", init=False, rank=4, alpha=16, detr_decoder={"enabled": True}, mask_decoder={"enabled": True}

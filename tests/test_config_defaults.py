@@ -22,6 +22,8 @@ from omegaconf import OmegaConf
 from sam3lora.config import ConfigSpecError, config_node, defaults
 from sam3lora.data.rows import DATA_KEYS, PromptSettings
 from sam3lora.inference.evaluate import EvalSettings
+from sam3lora.inference.model_with_adapters import load_for_inference
+from sam3lora.model import load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("lora", "data", "loss", "module", "callbacks")  # the groups whose options build our classes
@@ -96,6 +98,25 @@ def test_hand_built_settings_take_every_value_from_the_yaml() -> None:
             assert renames.get(f.name, f.name) in node, f"{cls.__name__}.{f.name} is not in the YAML"
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
                 f"{cls.__name__}.{f.name} has a Python default")
+
+
+#: arguments of the model loaders whose default is not a value: ``image_size=None`` checks nothing
+NO_VALUE = {"image_size": None}
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_loaders_restate_no_model_key(option: str) -> None:
+    """``conf/model/*.yaml`` is ``load_model(**cfg.model)``: every key is an argument without a default (but
+    :data:`NO_VALUE`); ``load_for_inference`` (``base`` is ``name_or_path``) likewise for the keys it takes."""
+    node = shipped(f"model/{option}")
+    for loader, renames in ((load_model, {}), (load_for_inference, {"name_or_path": "base"})):
+        params = inspect.signature(loader).parameters
+        for key in node:
+            name = renames.get(key, key)
+            assert loader is not load_model or name in params, f"model.{key} is not an argument of load_model"
+            if name in params:
+                assert params[name].default is NO_VALUE.get(name, inspect.Parameter.empty), (
+                    f"{loader.__name__}({name}={params[name].default!r}) restates conf/model/{option}.yaml")
 
 
 def test_the_check_finds_a_restated_default() -> None:

@@ -39,7 +39,7 @@ def _capture_decoder_inputs(model: torch.nn.Module) -> dict:
 
 
 def test_dac_pass_equals_decoder_without_self_attention() -> None:
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     model.eval()
     reference = copy.deepcopy(model)
     for layer in reference.detr_decoder.layers:
@@ -65,7 +65,7 @@ def test_dac_pass_equals_decoder_without_self_attention() -> None:
 
 def test_mask_formula_reproduces_the_mask_decoder() -> None:
     """The copy's masks use the mask decoder's own embedding; on the o2o queries it gives HF's pred_masks."""
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     model.eval()
     seen = _capture_decoder_inputs(model)
     hidden: dict = {}

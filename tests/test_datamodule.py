@@ -32,7 +32,7 @@ FLIP = {"_target_": "albumentations.HorizontalFlip", "p": 1.0}
 def tiny_model():
     from sam3lora.model import load_model
 
-    return load_model("tiny")
+    return load_model("tiny", dtype="float32", seed=0)
 
 
 @pytest.fixture(scope="module")

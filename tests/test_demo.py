@@ -37,7 +37,7 @@ def save_random_adapter(path, seed: int = 1):
     """A random-B LoRA adapter for the tiny preset (seed 0) that visibly changes the outputs."""
     settings = defaults("lora/_base", init=False, rank=4, alpha=16, vision_encoder={"enabled": True},
                             detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny", dtype="float32", seed=0)
     torch.manual_seed(seed)
     save_adapter(apply_lora(model, settings).eval(), path, settings)
     return path

@@ -22,7 +22,7 @@ BUDGETS = {"minimal": 0.5, "balanced": 4.0, "full": 15.0}
 def test_presets_on_full_size_sam3_land_near_their_budgets(preset):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=["model=sam3", f"lora={preset}", "dry_run=true"])
-    summary = lora_summary(cfg.model.name_or_path, instantiate(cfg.lora))
+    summary = lora_summary(cfg.model.name_or_path, instantiate(cfg.lora), cfg.model.seed)
     total = summary["components"][-1]
     assert total["total"] - total["trainable"] == 840_376_374  # the released architecture, untouched
     millions = total["trainable"] / 1e6

@@ -15,7 +15,7 @@ from sam3lora.model import load_model
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_merge_export_round_trip_through_plain_transformers(tmp_path, variant):
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     torch.manual_seed(0)
     settings = defaults(
         "lora/_base", variant=variant, init=False, rank=4, vision_encoder={"enabled": True},
@@ -37,12 +37,12 @@ def test_merge_export_round_trip_through_plain_transformers(tmp_path, variant):
 
 
 def test_export_bf16_and_refuses_overwrite(tmp_path):
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     peft_model = apply_lora(model, defaults("lora/_base", detr_decoder={"enabled": True}))
     out = export_merged(peft_model, processor, tmp_path / "m", dtype="bfloat16")
     loaded = Sam3Model.from_pretrained(out, dtype="auto")
     assert next(loaded.parameters()).dtype == torch.bfloat16
-    model2, processor2 = load_model("tiny")
+    model2, processor2 = load_model("tiny", dtype="float32", seed=0)
     with pytest.raises(FileExistsError):
         export_merged(apply_lora(model2, defaults("lora/_base", detr_decoder={"enabled": True})), processor2, out)
 
@@ -51,7 +51,7 @@ def test_export_bf16_and_refuses_overwrite(tmp_path):
 def test_onnx_row_forward_runs_the_contract_like_sam3model_on_one_row(label):
     from sam3lora.inference.onnx_export import _RowForward, sample_inputs
 
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     inputs = sample_inputs(processor, label=label)
     with torch.no_grad():
         got = _RowForward(model.eval())(**inputs)

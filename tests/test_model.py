@@ -57,24 +57,24 @@ def test_box_prompts_change_the_output(tiny):
 
 def test_image_size_mismatch_is_an_error():
     with pytest.raises(ValueError, match="image_size=1008"):
-        load_model("tiny", image_size=1008)
+        load_model("tiny", image_size=1008, dtype="float32", seed=0)
 
 
 def test_gated_or_offline_hub_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_TOKEN"):
-        load_model("facebook/sam3")
+        load_model("facebook/sam3", dtype="float32", seed=0)
 
 
 def test_missing_local_directory_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="local directory"):
-        load_model(str(tmp_path / "empty"))
+        load_model(str(tmp_path / "empty"), dtype="float32", seed=0)
 
 
 def test_bad_dtype_is_an_error():
     with pytest.raises(ValueError, match="model.dtype"):
-        load_model("tiny", dtype="float64")
+        load_model("tiny", dtype="float64", seed=0)
 
 
 def test_full_size_architecture_on_meta_device():

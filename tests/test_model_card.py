@@ -223,7 +223,7 @@ def test_card_without_a_run_and_for_a_hub_base(tmp_path: Path) -> None:
     from sam3lora.lora import apply_lora
     from sam3lora.model_card import lora_facts, render
 
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny", dtype="float32", seed=0)
     settings = defaults("lora/_base", rank=4, detr_decoder={"enabled": True}, modules_to_save=["dot_product_scoring"])
     peft_model = apply_lora(model, settings)
     card = (save_adapter(peft_model, tmp_path / "adapter", settings) / "README.md").read_text()
@@ -262,7 +262,7 @@ def test_transformers_processor_differs_where_the_card_says(image_paths: list[st
     model is the same, and the geometry encoder's CLS token changes the outputs."""
     from sam3lora.sam3 import sam3_forward, sam3_inputs
 
-    model, processor = load_model("tiny")
+    model, processor = load_model("tiny", dtype="float32", seed=0)
     image = Image.open(image_paths[0]).convert("RGB")
     theirs = processor(images=image, text="red circle", return_tensors="pt")
     assert "input_boxes" not in theirs

@@ -164,7 +164,7 @@ def test_vision_cache_is_refused_for_an_adapted_encoder_and_random_transforms(tm
         build_module("lora=balanced", "++module.perf.cache_vision_features=memory")
     message = str(info.value.__cause__)
     assert "module.perf.cache_vision_features" in message and "vision_encoder" in message and "lora=minimal" in message
-    _, processor = load_model("tiny")
+    _, processor = load_model("tiny", dtype="float32", seed=0)
     cfg = compose_cfg(f"data.root={tmp_path}")
     random = instantiate(cfg.data, processor=processor)  # the default: random_square + flip + colour jitter
     expected = r"random op\(s\) \['OneOf \(random choice\)', 'PadIfNeeded', 'HorizontalFlip', 'ColorJitter'\]"

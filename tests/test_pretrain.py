@@ -50,7 +50,7 @@ def train_set(cache: Path) -> TensorSet:
 def make_trainer(data: TensorSet, settings: PretrainSettings, variant: str = "tiny-fast") -> Pretrainer:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["loss.weight_dice=40", "module.metrics.ap_every_n_epochs=0"])
-    model, processor = load_model(str(materialise_tiny(0, variant=variant)))
+    model, processor = load_model(str(materialise_tiny(0, variant=variant)), dtype="float32", seed=0)
     model.requires_grad_(True).train()
     module = instantiate(cfg.module, model=model, criterion=instantiate(cfg.loss))
     ip = processor.image_processor
@@ -118,7 +118,7 @@ def test_cache_is_rendered_once_and_reused(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_batches_follow_the_row_contract(train_set: TensorSet) -> None:
-    _, processor = load_model("tiny", seed=0)
+    _, processor = load_model("tiny", dtype="float32", seed=0)
     ip = processor.image_processor
     maker = BatchMaker.build(train_set, processor.tokenizer, ip.image_mean, ip.image_std,
                              augment=pretrain.AugmentSettings(), negative_ratio=1.0)

@@ -211,7 +211,7 @@ SMALL_SET = ["data.synthetic.train=2", "data.synthetic.val=1", "data.synthetic.s
 def processor() -> Any:
     from sam3lora.model import load_model
 
-    return load_model("tiny")[1]
+    return load_model("tiny", dtype="float32", seed=0)[1]
 
 
 def hashes(root: Path) -> dict[str, bytes]:
@@ -292,7 +292,8 @@ def adapter_dir(tmp_path: Path) -> Path:
     from sam3lora.model import load_model
 
     settings = defaults("lora/_base", rank=4, detr_decoder={"enabled": True}, mask_decoder={"enabled": True})
-    return save_adapter(apply_lora(load_model("tiny")[0], settings), tmp_path / "adapter", settings)
+    base = load_model("tiny", dtype="float32", seed=0)[0]
+    return save_adapter(apply_lora(base, settings), tmp_path / "adapter", settings)
 
 
 def predict_cli(*args: str) -> tuple[int, str]:
@@ -324,7 +325,7 @@ def test_truncated_adapter_weights_are_one_line_naming_the_file(tmp_path: Path, 
     weights = adapter_dir / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(AdapterMismatchError) as info:
-        load_adapter(load_model("tiny")[0], adapter_dir)
+        load_adapter(load_model("tiny", dtype="float32", seed=0)[0], adapter_dir)
     assert str(info.value).startswith(f"{weights}: cannot read the adapter weights") and "\n" not in str(info.value)
     code, stderr = predict_cli(str(one_image(tmp_path)), "--text", "red circle", "--base", "tiny", "--adapter",
                                str(adapter_dir), "--out", str(tmp_path / "out"), "--device", "cpu")
@@ -341,7 +342,7 @@ def test_adapter_config_rank_disagreeing_with_the_weights_is_one_line(tmp_path: 
     data["r"] = 8  # the weights are rank 4
     config.write_text(json.dumps(data))
     with pytest.raises(AdapterMismatchError) as info:
-        load_adapter(load_model("tiny")[0], adapter_dir)
+        load_adapter(load_model("tiny", dtype="float32", seed=0)[0], adapter_dir)
     message = str(info.value)
     assert message.startswith(f"{config}: says rank 8") and "holds rank 4" in message and "\n" not in message
     code, stderr = predict_cli(str(one_image(tmp_path)), "--text", "red circle", "--base", "tiny", "--adapter",
@@ -407,7 +408,7 @@ def test_offline_hub_model_fails_fast_with_the_help_first(
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(load_base, "_hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(ModelLoadError, match="^could not load 'facebook/sam3': cannot reach the Hugging Face hub"):
-        load_model("sam3")
+        load_model("sam3", dtype="float32", seed=0)
 
 
 def broken_copy(synthetic_root: Path, tmp_path: Path, damage: dict[int, Any]) -> Path:
@@ -505,7 +506,7 @@ def test_bad_images_under_skip_are_counted_once_each(
 
     root = broken_copy(synthetic_root, tmp_path, {1: truncate, 2: Path.unlink, 4: truncate})
     cfg = job_cfg(root, tmp_path, *SMALL, "data.on_bad_sample=skip")
-    dm = build(cfg.data, "data", processor=load_model("tiny")[1])
+    dm = build(cfg.data, "data", processor=load_model("tiny", dtype="float32", seed=0)[1])
     dm.setup("fit")
     with caplog.at_level(logging.WARNING, logger="sam3lora.data"):
         batches = list(dm.train_dataloader())

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         from sam3lora.inference.onnx_export import check_onnx_available
 
         check_onnx_available()  # before the (long) load
-    loaded = load_for_inference(args.base, args.adapter, dtype="float32", merge=False)  # merge in float32
+    # merge in float32; seed: the tiny preset's weights (no --seed option, as sam3lora-predict)
+    loaded = load_for_inference(args.base, args.adapter, dtype="float32", merge=False, seed=0)
     if not args.onnx:
         export_merged(
             loaded.model, loaded.processor, out, dtype=DTYPE_ALIASES[args.dtype], overwrite=args.overwrite,

@@ -31,7 +31,7 @@ class ModelLoadError(Sam3LoRAError, RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
 
 
-def resolve(name_or_path: str, seed: int = 0) -> str:
+def resolve(name_or_path: str, seed: int) -> str:
     """Map a preset name to what ``from_pretrained`` takes: ``tiny`` / ``tiny-pretrained`` -> a local directory,
     ``sam3`` -> the hub id; anything else is passed through."""
     if name_or_path == "tiny":
@@ -49,14 +49,17 @@ def resolve(name_or_path: str, seed: int = 0) -> str:
 
 
 def load_model(
-    name_or_path: str = HUB_ID,
+    name_or_path: str,
     *,
     image_size: int | None = None,
-    dtype: str = "float32",
-    seed: int = 0,
+    dtype: str,
+    seed: int,
     token: str | None = None,
 ) -> tuple[Sam3Model, Sam3Processor]:
     """Return ``(model, processor)`` from a hub id, a local directory or the ``tiny`` preset.
+
+    The keys of ``conf/model/*.yaml`` are its arguments and have no defaults here (the YAML states them):
+    ``load_model(**cfg.model)``, or e.g. ``load_model("tiny", dtype="float32", seed=0)``.
 
     Args:
         name_or_path: ``facebook/sam3`` (or ``sam3``), a local transformers directory, or ``tiny``.

@@ -14,7 +14,7 @@ from sam3lora.lora import LoraSettings, apply_lora, parameter_report, plan
 from sam3lora.model import HUB_ID, meta_model, resolve
 
 
-def architecture(name_or_path: str, seed: int = 0) -> Sam3Config:
+def architecture(name_or_path: str, seed: int) -> Sam3Config:
     """The model's config without weights: the released SAM 3 for the hub id (no download), else the local one."""
     source = resolve(name_or_path, seed)
     if source == HUB_ID:
@@ -24,7 +24,7 @@ def architecture(name_or_path: str, seed: int = 0) -> Sam3Config:
     return Sam3Config.from_pretrained(source)
 
 
-def lora_summary(name_or_path: str, settings: LoraSettings, seed: int = 0) -> dict:
+def lora_summary(name_or_path: str, settings: LoraSettings, seed: int) -> dict:
     """Per-component total / trainable parameters of ``name_or_path`` with ``settings`` (meta device)."""
     base = meta_model(architecture(name_or_path, seed))
     planned = plan(base, settings)
@@ -49,7 +49,7 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     (console or Console()).print(table)
 
 
-def dry_run(name_or_path: str, settings: LoraSettings, out_dir: str | Path, seed: int = 0) -> dict:
+def dry_run(name_or_path: str, settings: LoraSettings, out_dir: str | Path, seed: int) -> dict:
     """Print the parameter table and write ``lora_summary.json`` into ``out_dir``."""
     summary = lora_summary(name_or_path, settings, seed)
     print_summary(summary)
