@@ -2,21 +2,26 @@
 
 Before issue #14 a step of the tiny model (2 images x 3 prompts, 3 decoder layers, DAC on) made 56 synchronising
 calls: a ``.cpu()`` per matched layer and per mask bookkeeping, 12 ``.item()`` in the DETR decoder's coordinate
-grid, ``bool()``/``int()`` reads in the mask terms. Now the criterion makes one copy for all of it and the decoder
-none; what is left are transformers' attention-mask builders (``padding_mask.all()``, one per mask built).
+grid, ``bool()``/``int()`` reads in the mask terms, 7 ``padding_mask.all()`` in transformers' attention-mask
+builders. Now the criterion makes one copy for all of it, the decoder none and the masks are built without a read
+(``sam3lora.model.materialised_masks``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from test_perf import batch_for, build_module, loss_and_grads
 
 from sam3lora.loss.matcher import HungarianMatcher, OneToManyMatcher, match_layers
+from sam3lora.model import load_model
+from sam3lora.model.materialised_masks import MASKED_COMPONENTS, materialise_attention_masks
+from sam3lora.perf.random_inputs import synthetic_batch
 from sam3lora.perf.syncs import SyncCounter
+from sam3lora.sam3 import sam3_rows
 
-#: transformers' mask builders: CLIP's causal mask (2 reads) and 5 bidirectional masks with padding
-TRANSFORMERS_MASK_READS = 7
-STEP_LIMIT = TRANSFORMERS_MASK_READS + 1  # + the criterion's one copy
+STEP_LIMIT = 1  # the criterion's one copy (sam3lora.loss.matcher.match_layers)
 
 
 def test_the_counter_sees_each_kind_of_synchronisation() -> None:
@@ -42,9 +47,35 @@ def test_a_training_step_synchronises_once_in_our_code() -> None:
     with SyncCounter() as counter:
         loss, _ = loss_and_grads(module, batch)
     assert torch.isfinite(loss)
-    ours = {site: n for site, n in counter.by_site.items() if "masking_utils.py" not in site}
-    assert ours == {next(iter(ours)): 1} and next(iter(ours)).startswith("cpu "), counter.by_site
-    assert counter.total <= STEP_LIMIT, counter.by_site
+    assert len(counter.by_site) == 1 and next(iter(counter.by_site)).startswith("cpu "), counter.by_site
+    assert counter.total == STEP_LIMIT, counter.by_site
+
+
+def test_materialised_masks_read_nothing_and_leave_the_outputs_bitwise_equal() -> None:
+    model, _ = load_model("tiny", dtype="float32", seed=0)
+    text = model.config.text_config
+    batch = synthetic_batch(2, 3, model.config.image_size, text.vocab_size, distinct_prompts=3,
+                            bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id)
+    rows = batch.num_rows
+    boxed = dataclasses.replace(  # one valid exemplar box per row: the geometry prompts pad nothing
+        batch, input_boxes=torch.tensor([0.5, 0.5, 0.3, 0.3]).repeat(rows, 1, 1),
+        input_boxes_labels=torch.ones(rows, 1, dtype=torch.long),
+    )
+
+    def outputs(b: object) -> tuple[list[torch.Tensor], int]:
+        with torch.no_grad(), SyncCounter() as counter:
+            out = sam3_rows(model, b.model_inputs())
+        reads = sum(n for site, n in counter.by_site.items() if "masking_utils.py" in site)
+        return [out.pred_logits, out.pred_boxes, out.presence_logits, out.pred_masks, out.semantic_seg], reads
+
+    before = [outputs(b) for b in (batch, boxed)]
+    assert materialise_attention_masks(model) == list(MASKED_COMPONENTS)
+    after = [outputs(b) for b in (batch, boxed)]
+    assert [reads for _, reads in before] == [6, 6]  # CLIP's causal mask 2, 4 bidirectional masks 1 each
+    assert [reads for _, reads in after] == [0, 0]
+    for (ref, _), (got, _) in zip(before, after, strict=True):  # the unpadded geometry mask: bitwise on the CPU
+        for r, g in zip(ref, got, strict=True):
+            assert torch.equal(r, g)
 
 
 def test_one_copy_for_all_layers_gives_each_matchers_own_result() -> None:
