@@ -89,13 +89,20 @@ def test_bf16_and_refusals(adapter, tmp_path):
     assert code == 2 and "--adapter" in stderr
 
 
+def test_onnx_without_the_onnx_package_is_a_one_line_error(adapter, tmp_path, monkeypatch):
+    root, _ = adapter
+    out = tmp_path / "onnx"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    code, _, stderr = run_cli("--base", "tiny", "--adapter", str(root / "adapter"), "--out", str(out), "--onnx")
+    assert code == 2 and "pip install 'onnx" in stderr and "Traceback" not in stderr and not out.exists()
+
+
 def test_onnx(adapter, tmp_path):
+    pytest.importorskip("onnx", reason="pip install -e '.[onnx]' (part of .[dev])")
     root, peft_model = adapter
     out = tmp_path / "onnx"
     code, stdout, stderr = run_cli("--base", "tiny", "--adapter", str(root / "adapter"), "--out", str(out), "--onnx")
-    if importlib.util.find_spec("onnx") is None:
-        assert code == 2 and "pip install" in stderr and not out.exists()
-        pytest.skip("onnx is not installed: checked the clear message only")
     assert code == 0, stderr
     info = json.loads((out / "onnx.json").read_text())
     assert (out / "model.onnx").stat().st_size > 0 and info["inputs"]["input_boxes"] == [1, 1, 4]
