@@ -77,15 +77,21 @@ def defaults(spec: str, /, **overrides: Any) -> Any:
     does not hold are passed on as constructor arguments (e.g. ``processor=``). A bad value raises the class's own
     error (e.g. ``ValueError`` naming ``module.perf.<key>``).
     """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     node = config_node(spec)
     if "_target_" not in node:
         raise ConfigSpecError(f"config spec {spec!r}: the node has no _target_ to build")
+    return instantiate_node(node, **overrides)
+
+
+def instantiate_node(node: Any, /, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)`` that raises the target's own error for a bad value (it names the
+    key), not Hydra's multi-line wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     try:
-        return instantiate(node, **overrides)
-    except InstantiationException as err:  # a bad value: the class's own error (it names the key), not Hydra's
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
         if err.__cause__ is not None:
             raise err.__cause__ from None
         raise

@@ -475,7 +475,7 @@ def _data_section(data: Mapping[str, Any] | None) -> list[str]:
             "coloured shapes, one category per colour + shape."
         )
     if data.get("prompt_mode"):
-        out[0] += f" Prompt mode `{data['prompt_mode']}` (`data.prompt_mode`: text, box or text+box exemplars)."
+        out[0] += f" Prompt mode `{data['prompt_mode']}` (`data.prompts.mode`: text, box or text+box exemplars)."
     out += ["", _table(["split", "folder", "images", "instances"], [
         [s["role"], s["split"], s["images"], s["instances"]] for s in data.get("splits", [])
     ])]

@@ -3,8 +3,8 @@
 Every node of the composed configs whose ``_target_`` is one of ours (and every mapping that becomes one of our
 dataclasses, e.g. a LoRA component) is checked key by key: a key the YAML states must be a constructor argument
 without a default (a default there would be a second statement of the value, agreeing or not). The settings the
-apps build by hand (``EvalSettings`` from eval.yaml, ``PromptSettings`` from the data keys) are checked the same
-way. ``sam3lora.config.defaults`` is what Python users call instead.
+eval app builds by hand (``EvalSettings`` from eval.yaml) and the model loaders (``conf/model``) are checked the
+same way. ``sam3lora.config.defaults`` is what Python users call instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from sam3lora.config import ConfigSpecError, config_node, defaults
-from sam3lora.data.rows import DATA_KEYS, PromptSettings
 from sam3lora.inference.evaluate import EvalSettings
 from sam3lora.inference.model_with_adapters import load_for_inference
 from sam3lora.model import load_model
@@ -89,15 +88,13 @@ def test_no_yaml_value_is_also_a_python_default(group: str) -> None:
     assert problems == []
 
 
-def test_hand_built_settings_take_every_value_from_the_yaml() -> None:
-    """EvalSettings (sam3lora-eval's top-level keys) and PromptSettings (data keys) have no defaults, and every
-    field is a key of the shipped config."""
-    pairs = [(EvalSettings, config_node("eval"), {}), (PromptSettings, config_node("data/_common"), DATA_KEYS)]
-    for cls, node, renames in pairs:
-        for f in dataclasses.fields(cls):
-            assert renames.get(f.name, f.name) in node, f"{cls.__name__}.{f.name} is not in the YAML"
-            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
-                f"{cls.__name__}.{f.name} has a Python default")
+def test_hand_built_eval_settings_take_every_value_from_the_yaml() -> None:
+    """EvalSettings (sam3lora-eval's top-level keys) has no defaults, and every field is a key of eval.yaml."""
+    node = config_node("eval")
+    for f in dataclasses.fields(EvalSettings):
+        assert f.name in node, f"EvalSettings.{f.name} is not in the YAML"
+        assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (
+            f"EvalSettings.{f.name} has a Python default")
 
 
 #: arguments of the model loaders whose default is not a value: ``image_size=None`` checks nothing

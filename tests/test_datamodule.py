@@ -3,6 +3,7 @@ readers, seeds, the YOLO cache, and one forward pass of the tiny model on a coll
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -16,10 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from sam3lora.config import defaults
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.data.data_error import DataError
 from sam3lora.data.datamodule import Sam3DataModule
 from sam3lora.data.readers import BadSampleError, DatasetReader, ImageRecord, Instance
+from sam3lora.data.rows import PromptSettings
 from sam3lora.data.synthetic_shapes import write_synthetic
 from sam3lora.data.validate import DatasetProblems
 
@@ -183,7 +186,7 @@ def test_random_square_pads_and_keeps_objects_consistent(processor, data_dir):
 
 @pytest.mark.parametrize("mode", ["text", "box", "text+box"])
 def test_prompt_modes(processor, data_dir, mode):
-    dm = make_dm(processor, data_dir, batch_size=6, prompt_mode=mode, max_exemplars=2)
+    dm = make_dm(processor, data_dir, batch_size=6, **{"prompts.mode": mode, "prompts.max_exemplars": 2})
     b = first(dm.train_dataloader())
     names = {c: ps[0] for c, ps in dm.train_dataset.prompts.items()}
     assert b.input_boxes.shape[1] == (1 if mode == "text" else 2)
@@ -335,7 +338,7 @@ def _same(a: Sam3Batch, b: Sam3Batch) -> bool:
 
 
 def test_same_seed_same_first_batch_with_or_without_workers(processor, data_dir):
-    kw = dict(batch_size=3, prompt_mode="text+box", seed=5)
+    kw = {"batch_size": 3, "prompts.mode": "text+box", "seed": 5}
     a = first(make_dm(processor, data_dir, **kw).train_dataloader())
     b = first(make_dm(processor, data_dir, **kw).train_dataloader())
     assert _same(a, b)
@@ -424,16 +427,27 @@ def test_yolo_yaml_converts_once_into_the_cache(processor, tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value", "match"), [("on_bad_sample", "ignore", "on_bad_sample"),
-                                                     ("prompt_mode", "points", "prompt_mode"),
+                                                     ("prompts.mode", "points", r"data\.prompts\.mode must be"),
                                                      ("batch_size", 0, "batch_size")])
 def test_bad_arguments_are_refused(processor, data_dir, key, value, match):
     with pytest.raises(Exception, match=match):
         make_dm(processor, data_dir, **{key: value})
 
 
+def test_prompts_are_built_settings_or_their_config_node(processor, data_dir):
+    """``prompts``: the ``data.prompts`` node (built by the module, as the data configs are not built recursively)
+    or a PromptSettings a Python user built; anything else is refused naming the key."""
+    shipped = defaults("data/synthetic.prompts")
+    assert isinstance(shipped, PromptSettings) and direct_dm(processor, data_dir).settings == shipped
+    mine = dataclasses.replace(shipped, mode="box")
+    assert direct_dm(processor, data_dir, prompts=mine).settings is mine
+    with pytest.raises(TypeError, match="^data.prompts must build a sam3lora.data.rows.PromptSettings"):
+        direct_dm(processor, data_dir, prompts={"mode": "box"})
+
+
 def test_collated_batch_runs_through_the_tiny_model(tiny_model, data_dir):
     model, processor = tiny_model
-    dm = make_dm(processor, data_dir, batch_size=2, prompt_mode="text+box")
+    dm = make_dm(processor, data_dir, batch_size=2, **{"prompts.mode": "text+box"})
     b = first(dm.train_dataloader())
     assert b.input_boxes.shape[1] >= 1
     with torch.no_grad():

@@ -76,7 +76,7 @@ def test_ddp_on_cpu_trains_on_both_ranks_and_writes_an_adapter(tmp_path: Path) -
     args = [
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "lora=balanced",
         f"data.root={root}", f"paths.root_dir={tmp_path}", "data.num_workers=0", "data.batch_size=2",
-        "data.max_prompts_per_image=3", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+        "data.prompts.max_prompts_per_image=3", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=1", "compare_with_start=false", "~callbacks.plots", "logger=csv",
         f"+callbacks.probe._target_={__name__}.RankProbe", "+callbacks.probe.dirpath=${paths.output_dir}/probe",
     ]

@@ -33,7 +33,7 @@ from sam3lora.training.module import SOURCE_KWARG, Sam3LoRAModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SMALL_DATA = ["data.num_workers=0", "data.batch_size=2", "data.max_prompts_per_image=3"]
+SMALL_DATA = ["data.num_workers=0", "data.batch_size=2", "data.prompts.max_prompts_per_image=3"]
 
 
 def compose_cfg(root: Path, *overrides: str) -> DictConfig:

@@ -438,7 +438,7 @@ def job(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
             cfg = compose("train", return_hydra_config=True, overrides=[
                 f"data.root={root}", f"paths.root_dir={tmp_path}", "data.num_workers=0", "data.batch_size=2",
-                "data.max_prompts_per_image=3", "trainer.accelerator=cpu", *overrides])
+                "data.prompts.max_prompts_per_image=3", "trainer.accelerator=cpu", *overrides])
         (tmp_path / "job").mkdir(exist_ok=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "job")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from sam3lora.config import config_node
+from sam3lora.config import defaults
 from sam3lora.data.rows import PromptSettings, build_rows
 from sam3lora.sam3 import PAD_LABEL, VISUAL_PROMPT
 
@@ -19,7 +19,7 @@ BOXES = np.array([[0.1, 0.1, 0.3, 0.2], [0.5, 0.5, 0.9, 0.8], [0.0, 0.6, 0.2, 1.
                   [0.4, 0.0, 0.6, 0.3], [0.7, 0.1, 0.8, 0.4], [0.2, 0.3, 0.5, 0.5]], dtype=np.float32)
 
 
-SHIPPED = PromptSettings.from_data_config(config_node("data/_common"))
+SHIPPED: PromptSettings = defaults("data/coco.prompts")
 
 
 def settings(**overrides) -> PromptSettings:
@@ -118,7 +118,7 @@ def test_training_picks_a_random_phrasing():
 @pytest.mark.parametrize("kwargs", [{"mode": "points"}, {"negative_ratio": -1.0}, {"max_prompts_per_image": 0},
                                     {"max_exemplars": 0}])
 def test_bad_settings_are_refused(kwargs):
-    with pytest.raises(ValueError, match=next(iter(kwargs)).replace("mode", "prompt_mode")):
+    with pytest.raises(ValueError, match=rf"^data\.prompts\.{next(iter(kwargs))} must be"):
         settings(**kwargs)
 
 

@@ -36,7 +36,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = [
     "data.num_workers=0",
     "data.batch_size=2",
-    "data.max_prompts_per_image=3",
+    "data.prompts.max_prompts_per_image=3",
     "trainer.max_epochs=1",
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1",
@@ -281,7 +281,8 @@ def test_experiment_coco_finetune_needs_a_root_and_builds(synthetic_root: Path, 
     [
         ("++lora.variant=bogus", "lora.variant"),
         ("module.scheduler.name=bogus", "module.scheduler.name"),
-        ("data.prompt_mode=bogus", "prompt_mode"),
+        ("data.prompts.mode=bogus", "data.prompts.mode"),
+        ("data.prompts.max_exemplars=abc", "data.prompts.max_exemplars"),
         ("module.optimizer.lr=abc", "module.optimizer"),
         ("++module.component_lr={vision_encodr:1.0e-4}", "module.component_lr"),
         ("model.dtype=float8", "model.dtype"),
@@ -430,7 +431,7 @@ def val_curve(out: Path) -> list[dict[str, float]]:
 
 
 def overfit_cfg(root: Path, tmp_path: Path, *overrides: str) -> DictConfig:
-    cfg = job_cfg(root, tmp_path, "debug=overfit", "data.batch_size=2", "data.max_prompts_per_image=3",
+    cfg = job_cfg(root, tmp_path, "debug=overfit", "data.batch_size=2", "data.prompts.max_prompts_per_image=3",
                   "compare_with_start=true", "module.metrics.ap_every_n_epochs=0", "trainer.log_every_n_steps=1",
                   *overrides)
     with open_dict(cfg):  # debug configs log nothing; keep a CSV of the curves
@@ -460,7 +461,7 @@ def test_lora_on_the_pretrained_base_learns_the_demos_new_words(tmp_path: Path) 
 
     categories = list(OmegaConf.load(CONF / "experiment" / "demo.yaml").data.synthetic.categories)
     root = write_synthetic(tmp_path / "demo", train=8, val=2, categories=categories, seed=3, hard_negatives=0.0)
-    cfg = overfit_cfg(root, tmp_path, "experiment=demo", "data.batch_size=4", "data.max_prompts_per_image=8",
+    cfg = overfit_cfg(root, tmp_path, "experiment=demo", "data.batch_size=4", "data.prompts.max_prompts_per_image=8",
                       "trainer.max_epochs=30", "trainer.overfit_batches=2", "trainer.check_val_every_n_epoch=10")
     assert cfg.model.name_or_path == "tiny-pretrained" and cfg.data.root == str(root)
     run(cfg)

@@ -20,11 +20,12 @@ import lightning as L
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
+from sam3lora.config import instantiate_node
 from sam3lora.data.collate import Sam3Collate
 from sam3lora.data.data_error import DataError
 from sam3lora.data.dataset import ON_BAD_SAMPLE, BadSampleFailure, EpochSampler, Sam3Dataset
 from sam3lora.data.readers import BadSampleError, ReaderFactory, build_reader
-from sam3lora.data.rows import PromptSettings
+from sam3lora.data.rows import PROMPTS_KEY, PromptSettings
 from sam3lora.data.transforms import build_transform
 from sam3lora.sam3 import VISUAL_PROMPT, tokenize
 
@@ -53,8 +54,8 @@ class Sam3DataModule(L.LightningDataModule):
         reader: None (:class:`~sam3lora.data.readers.CocoReader`), a callable ``(root, split) -> DatasetReader``
             or a Hydra ``_target_`` mapping naming one (instantiated with ``root`` and ``split``).
         train_split, val_split: split names given to the reader.
-        prompt_mode, negative_ratio, max_prompts_per_image, max_exemplars: see
-            :class:`~sam3lora.data.rows.PromptSettings`.
+        prompts: how images become prompt rows: a :class:`~sam3lora.data.rows.PromptSettings`, or its config node
+            (``data.prompts``, a ``_target_`` mapping; the data configs are not built recursively).
         train_transforms, val_transforms: transform configs (see :mod:`sam3lora.data.transforms`).
         batch_size: images per batch (rows per batch vary).
         num_workers, pin_memory, persistent_workers: DataLoader settings (persistent needs workers > 0).
@@ -74,10 +75,7 @@ class Sam3DataModule(L.LightningDataModule):
         reader: ReaderFactory | Mapping[str, Any] | None,
         train_split: str,
         val_split: str,
-        prompt_mode: str,
-        negative_ratio: float | None,
-        max_prompts_per_image: int | None,
-        max_exemplars: int,
+        prompts: PromptSettings | Mapping[str, Any],
         train_transforms: Mapping[str, Any] | None,
         val_transforms: Mapping[str, Any] | None,
         batch_size: int,
@@ -103,12 +101,10 @@ class Sam3DataModule(L.LightningDataModule):
         self.image_size = int(image_size)
         self.reader = _plain(reader)
         self.splits = {"train": str(train_split), "val": str(val_split)}
-        self.settings = PromptSettings(
-            mode=prompt_mode,  # type: ignore[arg-type]
-            negative_ratio=None if negative_ratio is None else float(negative_ratio),
-            max_prompts_per_image=None if max_prompts_per_image is None else int(max_prompts_per_image),
-            max_exemplars=int(max_exemplars),
-        )
+        self.settings = prompts if isinstance(prompts, PromptSettings) else instantiate_node(prompts)
+        if not isinstance(self.settings, PromptSettings):
+            raise TypeError(f"{PROMPTS_KEY} must build a sam3lora.data.rows.PromptSettings (a _target_ mapping), "
+                            f"got {type(self.settings).__name__}")
         ip = processor.image_processor
         norm = dict(
             image_size=self.image_size, mean=list(ip.image_mean), std=list(ip.image_std),

@@ -3,7 +3,7 @@
 One text row per category present in the (transformed) image, plus negative rows for absent categories
 (empty target). Training samples ``negative_ratio`` negatives per positive row, without replacement, and
 keeps at most ``max_prompts_per_image`` rows (positives first); validation queries every category, as
-SAM 3's official protocol. ``prompt_mode`` adds exemplar boxes (1..``max_exemplars`` of the row's own
+SAM 3's official protocol. ``mode`` adds exemplar boxes (1..``max_exemplars`` of the row's own
 targets, label 1) to positive rows: ``text`` none, ``box`` boxes with the text ``"visual"`` (what
 ``Sam3Processor`` uses for box-only prompts), ``text+box`` both. Negative rows stay text-only (their
 category text, in every mode). A row without exemplars carries one padding box (label -10) so ``K >= 1``.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,11 +26,13 @@ PROMPT_MODES: tuple[str, ...] = ("text", "box", "text+box")
 
 @dataclass(frozen=True)
 class PromptSettings:
-    """How rows are drawn from an image (see module docstring); the values are data config keys (``prompt_mode``,
-    ``negative_ratio``, ... in ``conf/data/_common.yaml``, the one place they are stated).
+    """How rows are drawn from an image (see module docstring): the ``data.prompts`` node of the data configs
+    (``conf/data/_common.yaml``), the one place its values are stated; in Python, e.g.
+    ``sam3lora.config.defaults("data/coco.prompts", mode="box")``.
 
-    ``negative_ratio``: expected negatives per positive row in training (an image without positives counts
-    as one); ``None`` queries every absent category. ``max_prompts_per_image``: training cap, None = no cap.
+    ``mode``: ``text | box | text+box``. ``negative_ratio``: expected negatives per positive row in training (an
+    image without positives counts as one); ``None`` queries every absent category. ``max_prompts_per_image``:
+    training cap, None = no cap. ``max_exemplars``: box modes draw 1..max_exemplars exemplar boxes per positive row.
     """
 
     mode: PromptMode
@@ -39,24 +41,20 @@ class PromptSettings:
     max_exemplars: int
 
     def __post_init__(self) -> None:
+        key = PROMPTS_KEY
         if self.mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.mode!r}")
+            raise ValueError(f"{key}.mode must be one of {PROMPT_MODES}, got {self.mode!r}")
         if self.negative_ratio is not None and not self.negative_ratio >= 0:
-            raise ValueError(f"negative_ratio must be >= 0 or null (all absent categories), got {self.negative_ratio}")
+            raise ValueError(f"{key}.negative_ratio must be >= 0 or null (all absent categories), got "
+                             f"{self.negative_ratio}")
         if self.max_prompts_per_image is not None and self.max_prompts_per_image < 1:
-            raise ValueError(f"max_prompts_per_image must be >= 1 or null, got {self.max_prompts_per_image}")
+            raise ValueError(f"{key}.max_prompts_per_image must be >= 1 or null, got {self.max_prompts_per_image}")
         if self.max_exemplars < 1:
-            raise ValueError(f"max_exemplars must be >= 1, got {self.max_exemplars}")
-
-    @classmethod
-    def from_data_config(cls, data: Mapping[str, Any]) -> PromptSettings:
-        """From the data config's keys (:data:`DATA_KEYS`; e.g. ``config_node("data/_common")``), others ignored."""
-        return cls(**{name: data[key] for name, key in DATA_KEYS.items()})
+            raise ValueError(f"{key}.max_exemplars must be >= 1, got {self.max_exemplars}")
 
 
-DATA_KEYS = {"mode": "prompt_mode", "negative_ratio": "negative_ratio",
-             "max_prompts_per_image": "max_prompts_per_image", "max_exemplars": "max_exemplars"}
-"""``PromptSettings`` field -> the data config key (``conf/data/_common.yaml``) that holds its value."""
+PROMPTS_KEY = "data.prompts"
+"""Where :class:`PromptSettings` is stated in the composed config (its errors name ``data.prompts.<field>``)."""
 
 
 @dataclass
