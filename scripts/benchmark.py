@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -87,8 +88,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 # axis name -> (CLI option, parser); the grid's order puts the model-building axes first, batch size last
 AXES: dict[str, tuple[str, ...]] = {
     "train": ("preset", "base_dtype", "precision", "ckpt", "vision_cache", "text_cache", "compile", "mask_loss", "o2m",
-              "path", "prompts", "batch"),
-    "predict": ("preset", "base_dtype", "precision", "text_cache", "compile", "merge", "path", "prompts", "batch"),
+              "path", "text", "prompts", "batch"),
+    "predict": ("preset", "base_dtype", "precision", "text_cache", "compile", "merge", "path", "text", "prompts",
+                "batch"),
     "data": ("transforms", "workers", "batch"),
     "loss": ("mask_loss", "prompts", "batch"),
     "memory": ("preset", "base_dtype", "precision", "ckpt", "o2m", "mask_loss", "prompts", "batch"),
@@ -182,6 +184,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="train: one-to-many (DAC) queries and their loss terms (loss.o2m.enabled)")
     parser.add_argument("--vision-path", type=_list(str), default=["shared"],
                         help="shared (one vision pass per image) | repeated (one per row: the naive path)")
+    parser.add_argument("--text-path", type=_list(str), default=["distinct"],
+                        help="distinct (the text encoder once per distinct prompt of a batch) | rows (once per row)")
     parser.add_argument("--merge", type=_list(_switch), default=[False], metavar="off,on",
                         help="predict: adapters merged into the base weights")
     parser.add_argument("--workers", type=_list(int), default=[2], help="data: DataLoader workers")
@@ -233,6 +237,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         "--vision-cache": set(args.vision_cache) - {"off", "memory", "disk"},
         "--mask-loss": set(args.mask_loss) - {"full", "points"},
         "--vision-path": set(args.vision_path) - {"shared", "repeated"},
+        "--text-path": set(args.text_path) - {"distinct", "rows"},
         "--transforms": set(args.transforms) - {"train", "val"},
         "--presets": {p for p in args.presets if not (ROOT / "conf" / "lora" / f"{p}.yaml").is_file()},
     }
@@ -251,7 +256,8 @@ def axis_values(args: argparse.Namespace) -> dict[str, list[Any]]:
         "preset": args.presets, "base_dtype": args.base_dtype, "precision": args.precision,
         "ckpt": args.activation_checkpointing, "vision_cache": args.vision_cache, "text_cache": args.text_cache,
         "compile": args.compile,
-        "mask_loss": args.mask_loss, "o2m": args.o2m, "path": args.vision_path, "prompts": args.prompts,
+        "mask_loss": args.mask_loss, "o2m": args.o2m, "path": args.vision_path, "text": args.text_path,
+        "prompts": args.prompts,
         "batch": args.batch_sizes,
         "merge": args.merge, "workers": args.workers, "transforms": args.transforms,
     }
@@ -386,6 +392,8 @@ def make_batches(module: Any, config: dict[str, Any], args: argparse.Namespace, 
             distinct_prompts=args.distinct_prompts, first_image_id=k * config["batch"], seed=args.seed + k,
             bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, device=device,
         )
+        if config.get("text") == "rows":
+            batch = dataclasses.replace(batch, text_rows=None, text_index=None)
         batches.append(repeated_image_batch(batch) if config["path"] == "repeated" else batch)
     return batches
 
@@ -838,7 +846,7 @@ def table_rows(payload: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     """(title, result header, result rows, ratio header, ratio rows) as strings, for rich and Markdown alike."""
     meta, records = payload["meta"], payload["results"]
     axes = AXES[meta["mode"]]
-    varying = [a for a in axes if len({json.dumps(r[a]) for r in records}) > 1 or a in ("preset", "batch")]
+    varying = [a for a in axes if len({json.dumps(r.get(a)) for r in records}) > 1 or a in ("preset", "batch")]
     title = (f"{meta['mode']} | {meta['model']} {meta['image_size']} px | {meta['device_name']} | "
              f"threads {meta['threads']} | load {meta['load_start']} -> {meta.get('load_end', '?')}")
     cols = [("rows", "rows", ".3g"), ("step ms", "step_ms", ".4g"), ("rows/s", "rows_per_s", ".3g"),
@@ -860,7 +868,7 @@ def table_rows(payload: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
             r2["step_ms"] = r["step_s"] * 1e3
         if r.get("flops_per_step"):
             r2["tflop_per_step"] = r["flops_per_step"] / 1e12
-        rows.append([*(_fmt(r[a]) for a in varying), *(_fmt(r2.get(k), spec) for _, k, spec in cols), r["status"]])
+        rows.append([*(_fmt(r.get(a)) for a in varying), *(_fmt(r2.get(k), spec) for _, k, spec in cols), r["status"]])
     ratio_header = ["axis", "value vs baseline", "other settings", "step time", "epoch time", "rows/s", "peak mem",
                     "Δmem"]
     keys = ["step_time_ratio", "epoch_time_ratio", "rows_per_s_ratio", "peak_mem_ratio", "step_mem_ratio"]
