@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from test_perf import assert_same_step, batch_for, build_module, loss_and_grads
 
+from sam3lora.data.collate import Sam3Collate
+from sam3lora.data.dataset import ImageSample
+from sam3lora.data.rows import Row
+from sam3lora.model.tiny import offline_processor
 from sam3lora.sam3 import distinct_prompts
 
 
@@ -36,3 +41,19 @@ def test_an_adapted_text_encoder_runs_once_per_distinct_prompt_with_the_per_row_
     assert encoded[1:] == [len(batch.text_rows)]
     assert any("text_encoder" in n and g.abs().sum() > 0 for n, g in grads.items())
     assert_same_step(loss, grads, ref_loss, ref_grads)
+
+
+def test_the_collate_numbers_the_distinct_prompts_on_the_host() -> None:
+    processor = offline_processor(224, 64)
+    size = 224
+
+    def sample(image_id: int, texts: list[str]) -> ImageSample:
+        rows = [Row(category_id=1, text=t, targets=np.zeros(0, dtype=np.int64), boxes=np.zeros((1, 4), np.float32),
+                    box_labels=np.full(1, -10, dtype=np.int64)) for t in texts]
+        return ImageSample(pixel_values=torch.zeros(3, size, size), masks=torch.zeros(0, size, size),
+                           has_mask=torch.zeros(0, dtype=torch.bool), boxes=torch.zeros(0, 4), rows=rows,
+                           image_id=image_id, orig_size=(size, size))
+
+    batch = Sam3Collate(processor.tokenizer, {}, size)([sample(1, ["cat", "dog"]), sample(2, ["dog", "cat", "bird"])])
+    assert batch.text_rows.tolist() == [0, 1, 4] and batch.text_index.tolist() == [0, 1, 1, 0, 2]
+    assert set(batch.model_inputs()) >= {"text_rows", "text_index"}
