@@ -161,7 +161,7 @@ def test_prompts_of_one_image_share_one_vision_pass(base_predictor):
         h1.remove()
         h2.remove()
     assert vision_batches == [2, 1]  # one vision pass per batch of images, none per prompt
-    assert text_rows == [6, 3]  # every (image, prompt) row reaches the rest of the model
+    assert text_rows == [3, 3]  # the text encoder once per distinct prompt of a batch (sam3.distinct_prompts)
 
 
 def test_multi_adapter_switching_and_base(adapters, base_predictor, predictor_a, multi):
