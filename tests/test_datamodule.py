@@ -539,7 +539,7 @@ def test_batch_moves_to_a_device_and_pins_every_tensor(processor, data_dir, monk
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)  # no CUDA here
     copy = b.pin_memory()
     assert isinstance(copy, Sam3Batch) and copy.num_rows == b.num_rows
-    assert len(pinned) == 9 + 3 * b.num_rows  # 9 tensor fields + boxes/masks/has_mask of every target
+    assert len(pinned) == 11 + 3 * b.num_rows  # 11 tensor fields + boxes/masks/has_mask of every target
 
 
 def test_synthetic_is_generated_into_root_once(processor, tmp_path):
