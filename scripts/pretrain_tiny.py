@@ -53,6 +53,7 @@ from sam3lora.training.pretrain import (
     load_or_render,
     load_state,
     settings_from_dict,
+    spread_reference_boxes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,6 +255,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=500, help="validate (and save) every N steps")
     p.add_argument("--save-every", type=float, default=300.0, help="save the state at least every N seconds")
     p.add_argument("--name", default="", help="prefix of the printed lines (parallel runs)")
+    p.add_argument("--reference-boxes", type=float, default=0.2, metavar="SIZE",
+                   help="a new run from random weights spreads the queries' reference boxes over the image (uniform "
+                        "centres, w = h = SIZE; 0: transformers' init, every box at the centre; docs/training.md)")
     p.add_argument("--init", type=Path, default=None,
                    help="a new run starts from these weights (safetensors, or a preset directory)")
     p.add_argument("--out", type=Path, default=None,
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         data = {"train": args.train, "val": args.val, "size": TINY_IMAGE_SIZE, "seed": DATA_SEED,
                 "categories": list(PRETRAIN_CATEGORIES)}
         meta = {"variant": args.variant, "overrides": overrides, "data": data,
-                "init": str(args.init) if args.init else None, "sessions": []}
+                "init": str(args.init) if args.init else None,
+                "reference_boxes": args.reference_boxes if args.init is None else None, "sessions": []}
     started = time.perf_counter()
     trainer, val, processor = build(args, settings, overrides, data, device, meta.get("variant", "tiny"))
     if args.benchmark is not None:
@@ -334,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             return
     elif args.init is not None:
         load_weights(trainer.module.model, args.init)
+    elif args.reference_boxes > 0:
+        spread_reference_boxes(trainer.module.model, settings.seed, args.reference_boxes)
     trainer.meta = meta
     session = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name(device),
                "from_step": trainer.step, "to_step": trainer.step, "seconds": 0.0, "images": 0}

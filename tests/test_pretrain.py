@@ -193,3 +193,18 @@ def test_fast_variant_is_ten_times_cheaper_and_the_shipped_base_still_loads() ->
         flops[name] = counter.get_total_flops()
         assert out.pred_masks.shape[-1] == tiny_arch(name).mask_side
     assert flops["tiny-fast"] * 10 <= flops["tiny"], flops
+
+
+def test_spread_reference_boxes_reach_the_first_decoder_layer() -> None:
+    # transformers' init puts every query's reference box at ~(0.5, 0.5, 0.5, 0.5): the symmetry issue #12 traced
+    model, processor = build_tiny(0, "tiny-fast")
+    assert model.detr_decoder.reference_points.weight.sigmoid().std(0).max() < 0.05
+    boxes = pretrain.spread_reference_boxes(model, seed=3, size=0.2)
+    assert torch.equal(boxes, pretrain.spread_reference_boxes(build_tiny(1, "tiny-fast")[0], seed=3, size=0.2))
+    assert boxes[:, :2].std(0).min() > 0.15
+    assert ((boxes[:, :2] >= 0.05) & (boxes[:, :2] <= 0.95)).all() and (boxes[:, 2:] == 0.2).all()
+    ids = processor.tokenizer(["red square"], padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        out = model(pixel_values=torch.zeros(1, 3, 224, 224), input_ids=ids.input_ids,
+                    attention_mask=ids.attention_mask)
+    torch.testing.assert_close(out.decoder_reference_boxes[0, 0], boxes, atol=1e-5, rtol=0)

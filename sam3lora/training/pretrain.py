@@ -309,6 +309,25 @@ class BatchMaker:
 # ------------------------------------------------------------------------------------------------ training
 
 
+@torch.no_grad()
+def spread_reference_boxes(model: torch.nn.Module, seed: int, size: float = 0.2) -> Tensor:
+    """Spread the DETR decoder's learned reference boxes over the image before training from scratch.
+
+    transformers initialises ``detr_decoder.reference_points`` (Q,4) near 0, so every query starts at the same box
+    (cx, cy, w, h) ~ (0.5, 0.5, 0.5, 0.5) and the box-relative attention bias gives all of them the same view: in
+    pretraining they barely move and the queries fail to tell apart several instances of one category (issue #12,
+    docs/training.md). This sets centres uniform in [0.05, 0.95] (drawn from ``seed``) and ``w = h = size``, as
+    DAB-DETR's random anchors. Returns the boxes (Q,4) cxcywh in [0,1]; the weights hold their logits.
+    """
+    weight = model.get_submodule("detr_decoder.reference_points").weight  # (Q,4) logits of cxcywh
+    gen = torch.Generator().manual_seed(seed)
+    centres = 0.05 + 0.9 * torch.rand(weight.shape[0], 2, generator=gen)
+    boxes = torch.cat([centres, torch.full_like(centres, size)], 1)
+    weight.copy_(torch.logit(boxes).to(weight))
+    return boxes
+
+
+
 @dataclass
 class PretrainSettings:
     """The whole run: fixed when its state is created (a resumed run keeps them; see :meth:`Pretrainer.resume`).
@@ -511,5 +530,5 @@ def epochs_of(trainer: Pretrainer) -> float:
 
 __all__ = [
     "AugmentSettings", "BatchMaker", "PretrainSettings", "Pretrainer", "RenderSettings", "TensorSet",
-    "epochs_of", "load_or_render", "load_state", "render_set", "settings_from_dict",
+    "epochs_of", "load_or_render", "load_state", "render_set", "settings_from_dict", "spread_reference_boxes",
 ]
