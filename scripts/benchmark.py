@@ -93,7 +93,7 @@ AXES: dict[str, tuple[str, ...]] = {
                 "batch"),
     "data": ("transforms", "workers", "batch"),
     "loss": ("mask_loss", "prompts", "batch"),
-    "memory": ("preset", "base_dtype", "precision", "ckpt", "o2m", "mask_loss", "prompts", "batch"),
+    "memory": ("preset", "base_dtype", "precision", "ckpt", "o2m", "mask_loss", "text", "prompts", "batch"),
 }
 #: memory mode: components of the saved-bytes table (``sam3lora.perf.saved_bytes``) and their column names
 SAVED_COLUMNS = (("vision_encoder", "vision"), ("text_encoder", "text"), ("geometry_encoder", "geometry"),
