@@ -14,9 +14,10 @@ import dataclasses
 import torch
 from test_perf import batch_for, build_module, loss_and_grads
 
+from sam3lora.inference.model_with_adapters import load_for_inference
 from sam3lora.loss.matcher import HungarianMatcher, OneToManyMatcher, match_layers
 from sam3lora.model import load_model
-from sam3lora.model.materialised_masks import MASKED_COMPONENTS, materialise_attention_masks
+from sam3lora.model.materialised_masks import MASKED_COMPONENTS, MATERIALISED, materialise_attention_masks
 from sam3lora.perf.random_inputs import synthetic_batch
 from sam3lora.perf.syncs import SyncCounter
 from sam3lora.sam3 import sam3_rows
@@ -104,3 +105,13 @@ def _boxes(n: int, gen: torch.Generator) -> torch.Tensor:
     """(n, 4) valid normalised xyxy boxes."""
     xy = torch.rand(n, 2, generator=gen) * 0.6
     return torch.cat([xy, xy + 0.05 + torch.rand(n, 2, generator=gen) * 0.3], dim=1)
+
+
+def test_prediction_builds_its_attention_masks_without_host_reads() -> None:
+    """``load_for_inference`` (every predictor, the demo, evaluation) moves the masked components as training does."""
+    loaded = load_for_inference("tiny", dtype="float32", seed=0)
+    base = loaded.model
+    for name in MASKED_COMPONENTS:
+        configs = [m.config for m in base.get_submodule(name).modules() if getattr(m, "config", None) is not None]
+        assert configs and all(c._attn_implementation == MATERIALISED for c in configs), name
+

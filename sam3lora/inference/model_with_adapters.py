@@ -30,6 +30,7 @@ from sam3lora.inference.errors import PredictorError
 from sam3lora.lora import apply_lora
 from sam3lora.model import load_model
 from sam3lora.model.load_base import canonical_dtype as model_dtype
+from sam3lora.model.materialised_masks import materialise_attention_masks
 from sam3lora.training.module import SOURCE_KWARG, Sam3LoRAModule
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -130,6 +131,7 @@ def load_for_inference(
         if Path(source).is_file():
             recorded_lora(read_checkpoint(source), Path(source))  # fails here, not after loading the base
     model, processor = load_model(base, dtype=canonical_dtype(dtype), seed=seed, image_size=image_size)
+    materialise_attention_masks(model)  # no host read per attention mask, as in training (model.materialised_masks)
     if not sources:
         return LoadedModel(model.eval(), processor)
     for name, source in sources.items():
