@@ -63,7 +63,9 @@ PRETRAIN_CATEGORIES = (
     "white diamond",
 )
 DATA_SEED = 101
-DEFAULT_OVERRIDES = ("loss.weight_dice=40",)  # small masks: at SAM 3's 10 the focal term empties them first
+# loss.weight_dice=40: small masks, at SAM 3's 10 the focal term empties them first. loss.o2m.enabled=false: from
+# scratch the DAC queries cost ~10% per step and did not help (docs/training.md, "Diagnosis (CPU, this session)").
+DEFAULT_OVERRIDES = ("loss.weight_dice=40", "loss.o2m.enabled=false")
 # The CPU-pretraining architecture (issue #12): 12x fewer FLOPs per image pass than ``tiny``, same classes.
 DEFAULT_VARIANT = "tiny-fast"
 STATE_FILE, BEST_FILE, HISTORY_FILE = "state.pt", "best.safetensors", "history.json"
