@@ -202,6 +202,13 @@ def test_text_feature_cache_gives_the_same_outputs_once_per_distinct_prompt() ->
         torch.testing.assert_close(again[key], plain[key], rtol=0, atol=1e-5, msg=key)
     for layer_plain, layer_cached in zip(plain["aux_outputs"], cached["aux_outputs"], strict=True):
         torch.testing.assert_close(layer_cached["pred_boxes"], layer_plain["pred_boxes"], rtol=0, atol=1e-5)
+    # keyed by the batch's host texts: a warm cache never reads the token ids (on a GPU that read would synchronise)
+    on_meta = module.text_cache(module.base_model.text_encoder, batch.input_ids.to("meta"),
+                                batch.attention_mask.to("meta"), batch.prompts)
+    torch.testing.assert_close(on_meta, module.text_cache(module.base_model.text_encoder, batch.input_ids,
+                                                          batch.attention_mask), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text cache: 1 texts for"):
+        module.text_cache(module.base_model.text_encoder, batch.input_ids, batch.attention_mask, batch.prompts[:1])
 
 
 def test_text_cache_is_refused_when_the_text_encoder_trains() -> None:

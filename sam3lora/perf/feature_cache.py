@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -301,14 +301,16 @@ class VisionFeatureCache:
 
 
 class TextFeatureCache:
-    """Output of a frozen text encoder (``last_hidden_state``, (T, D) per prompt) per distinct (token ids, mask).
+    """Output of a frozen text encoder (``last_hidden_state``, (T, D) per prompt) per distinct prompt.
 
     Entries stay on the device they were computed on; a cache holds one entry per distinct prompt of the data
-    (categories x phrasings), so its size is bounded by the vocabulary of prompts, not the dataset.
+    (categories x phrasings), so its size is bounded by the vocabulary of prompts, not the dataset. Prompts are
+    keyed by their text when the caller has it on the host (``Sam3Batch.prompts``): no device read per step;
+    otherwise by their token ids and mask, which are copied to the host (a synchronisation on a GPU).
     """
 
     def __init__(self) -> None:
-        self._store: dict[bytes, Tensor] = {}
+        self._store: dict[Hashable, Tensor] = {}
         self.hits = 0
         self.misses = 0
 
@@ -318,11 +320,21 @@ class TextFeatureCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._store.values())
 
-    def __call__(self, text_encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(R, T) ids and mask -> (R, T, D) ``last_hidden_state``, computing each distinct prompt at most once."""
-        rows = torch.cat([input_ids, attention_mask], dim=1).to("cpu", torch.int64).numpy()
-        keys = [row.tobytes() for row in rows]
-        missing: dict[bytes, int] = {}
+    def __call__(self, text_encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 texts: Sequence[str] | None = None) -> Tensor:
+        """(R, T) ids and mask -> (R, T, D) ``last_hidden_state``, computing each distinct prompt at most once.
+
+        ``texts``: the R prompt texts the ids were tokenized from (host strings, the cache keys); None: the keys are
+        the ids and mask themselves, read on the host.
+        """
+        if texts is None:
+            rows = torch.cat([input_ids, attention_mask], dim=1).to("cpu", torch.int64).numpy()
+            keys: list[Hashable] = [row.tobytes() for row in rows]
+        else:
+            if len(texts) != input_ids.shape[0]:
+                raise ValueError(f"text cache: {len(texts)} texts for {input_ids.shape[0]} rows of token ids")
+            keys = [("text", text) for text in texts]
+        missing: dict[Hashable, int] = {}
         for r, key in enumerate(keys):
             if key not in self._store and key not in missing:
                 missing[key] = r
@@ -336,5 +348,4 @@ class TextFeatureCache:
                 ).last_hidden_state
             for j, key in enumerate(missing):
                 self._store[key] = hidden[j].detach()
-        device = input_ids.device
-        return torch.stack([self._store[key].to(device) for key in keys])
+        return torch.stack([self._store[key] for key in keys])

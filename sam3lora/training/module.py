@@ -263,7 +263,7 @@ class Sam3LoRAModule(L.LightningModule):
         if self.text_cache is None:
             return None
         base = self.base_model
-        hidden = self.text_cache(base.text_encoder, batch.input_ids, batch.attention_mask)
+        hidden = self.text_cache(base.text_encoder, batch.input_ids, batch.attention_mask, batch.prompts)
         # as Sam3Model.get_text_features: the projection of the last hidden state (it may be trained, so not cached)
         embeds = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=base.text_projection(hidden))
         return embeds
