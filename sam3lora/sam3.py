@@ -45,21 +45,30 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torc
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
+def distinct_rows(keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with equal ``keys`` (R hashable host values, e.g. prompt texts) share one entry.
+
+    Returns ``text_rows`` long (U,), the first row of each distinct key in order of appearance, and ``text_index``
+    long (R,), row -> its entry of ``text_rows``.
+    """
+    entry: dict = {}  # key -> its entry of text_rows
+    rows: list[int] = []
+    index: list[int] = []
+    for r, key in enumerate(keys):
+        if key not in entry:
+            entry[key] = len(rows)
+            rows.append(r)
+        index.append(entry[key])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
+
+
 def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct prompts of R rows, from HOST tensors (device ones would synchronise): ids and mask long (R, T).
 
     Returns ``text_rows`` long (U,), the first row of each distinct (ids, mask) pair in order of appearance, and
     ``text_index`` long (R,), row -> its entry of ``text_rows`` (``sam3_rows`` encodes the U rows once).
     """
-    entry: dict[tuple[int, ...], int] = {}  # (ids, mask) -> its entry of text_rows
-    rows: list[int] = []
-    index: list[int] = []
-    for r, key in enumerate(map(tuple, torch.cat([input_ids, attention_mask], 1).tolist())):
-        if key not in entry:
-            entry[key] = len(rows)
-            rows.append(r)
-        index.append(entry[key])
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
+    return distinct_rows(list(map(tuple, torch.cat([input_ids, attention_mask], 1).tolist())))
 
 
 def exemplar_boxes(xyxy: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,10 @@ def test_batches_follow_the_row_contract(train_set: TensorSet) -> None:
     for t in positives:
         assert t["masks"].shape[1:] == (224, 224) and t["masks"].flatten(1).any(1).all()
         assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all() and (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
+    # the text encoder runs once per distinct category of the batch: its rows index back every row's prompt
+    assert len(batch.text_rows) == len(set(batch.prompts)) < batch.num_rows
+    assert torch.equal(batch.input_ids[batch.text_rows][batch.text_index], batch.input_ids)
+    assert [batch.prompts[i] for i in batch.text_rows[batch.text_index].tolist()] == batch.prompts
     again = maker(torch.arange(4), torch.Generator().manual_seed(0))
     assert torch.equal(again.pixel_values, batch.pixel_values)  # a function of the generator only
     every = BatchMaker.build(train_set, processor.tokenizer, ip.image_mean, ip.image_std, negative_ratio=None)
