@@ -45,30 +45,21 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torc
     return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
-def distinct_rows(keys: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows with equal ``keys`` (R hashable host values, e.g. prompt texts) share one entry.
+def distinct_prompts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prompts of R rows, from their texts (host strings: no device read).
 
-    Returns ``text_rows`` long (U,), the first row of each distinct key in order of appearance, and ``text_index``
-    long (R,), row -> its entry of ``text_rows``.
+    Returns ``text_rows`` long (U,), the first row of each distinct text in order of appearance, and ``text_index``
+    long (R,), row -> its entry of ``text_rows`` (``sam3_rows`` encodes the U rows once).
     """
-    entry: dict = {}  # key -> its entry of text_rows
+    entry: dict[str, int] = {}  # text -> its entry of text_rows
     rows: list[int] = []
     index: list[int] = []
-    for r, key in enumerate(keys):
-        if key not in entry:
-            entry[key] = len(rows)
+    for r, text in enumerate(texts):
+        if text not in entry:
+            entry[text] = len(rows)
             rows.append(r)
-        index.append(entry[key])
+        index.append(entry[text])
     return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
-
-
-def distinct_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct prompts of R rows, from HOST tensors (device ones would synchronise): ids and mask long (R, T).
-
-    Returns ``text_rows`` long (U,), the first row of each distinct (ids, mask) pair in order of appearance, and
-    ``text_index`` long (R,), row -> its entry of ``text_rows`` (``sam3_rows`` encodes the U rows once).
-    """
-    return distinct_rows(list(map(tuple, torch.cat([input_ids, attention_mask], 1).tolist())))
 
 
 def exemplar_boxes(xyxy: torch.Tensor) -> torch.Tensor:
@@ -104,7 +95,7 @@ def sam3_inputs(
                 input_boxes[i, p, : len(cxcywh)] = cxcywh
                 labels[i, p, : len(cxcywh)] = 1
     input_ids, attention_mask = input_ids.repeat(len(images), 1), attention_mask.repeat(len(images), 1)
-    text_rows, text_index = distinct_prompts(input_ids, attention_mask)
+    text_rows, text_index = distinct_prompts([text for text, _ in prompts] * len(images))  # rows image-major
     return {
         "pixel_values": processor(images=list(images), return_tensors="pt")["pixel_values"],
         "image_index": torch.arange(len(images)).repeat_interleave(len(prompts)),

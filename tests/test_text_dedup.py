@@ -17,12 +17,11 @@ from sam3lora.sam3 import distinct_prompts
 
 
 def test_distinct_prompts_index_each_row_to_its_first_occurrence() -> None:
-    ids = torch.tensor([[5, 6], [7, 8], [5, 6], [5, 6], [7, 8]])
-    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 0], [1, 0]])  # row 3: same ids as row 0, another mask
-    rows, index = distinct_prompts(ids, mask)
+    texts = ["red circle", "blue square", "red circle", "red  circle", "blue square"]  # row 3: another text
+    rows, index = distinct_prompts(texts)
     assert rows.tolist() == [0, 1, 3]
     assert index.tolist() == [0, 1, 0, 2, 1]
-    assert torch.equal(ids[rows][index], ids) and torch.equal(mask[rows][index], mask)
+    assert [texts[r] for r in rows[index].tolist()] == texts
 
 
 def test_an_adapted_text_encoder_runs_once_per_distinct_prompt_with_the_per_row_gradients() -> None:

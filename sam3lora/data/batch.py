@@ -26,7 +26,7 @@ class Sam3Batch:
     category_ids        long (R,)               COCO category id of each row
     image_ids           long (I,)               COCO image id
     orig_sizes          long (I, 2)             original (height, width)
-    text_rows           long (U,) or None       first row of each distinct prompt (ids + mask): the text
+    text_rows           long (U,) or None       first row of each distinct prompt text: the text
                                                 encoder runs on these U rows only (``sam3.distinct_prompts``)
     text_index          long (R,) or None       row -> its entry of ``text_rows``; None (both): once per row
     ==================  ======================  ===========================================================

@@ -55,7 +55,7 @@ class Sam3Collate:
             targets.append({"boxes": s.boxes[idx], "masks": s.masks[idx], "has_mask": s.has_mask[idx]})
         prompts = [row.text for _, row in rows]
         input_ids, attention_mask = self._tokens(prompts)
-        text_rows, text_index = distinct_prompts(input_ids, attention_mask)  # on the host: no device read later
+        text_rows, text_index = distinct_prompts(prompts)  # on the host: no device read later
         size = self.image_size
         return Sam3Batch(
             pixel_values=torch.stack([s.pixel_values for s in samples]) if samples else torch.zeros(0, 3, size, size),

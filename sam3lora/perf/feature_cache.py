@@ -7,7 +7,7 @@ the encoder. That is only valid when the transforms are deterministic (no random
 :func:`random_ops` finds the random ops of a pipeline and :func:`check_deterministic` refuses with a clear error.
 As a runtime guard each entry keeps a fingerprint of its pixels; a hit whose pixels differ raises.
 
-:class:`TextFeatureCache` does the same for a frozen text encoder, once per distinct prompt (token ids + mask).
+:class:`TextFeatureCache` does the same for a frozen text encoder, once per distinct prompt text.
 Only the text encoder's output is cached; ``text_projection`` runs every step (it may be trained).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -305,12 +305,11 @@ class TextFeatureCache:
 
     Entries stay on the device they were computed on; a cache holds one entry per distinct prompt of the data
     (categories x phrasings), so its size is bounded by the vocabulary of prompts, not the dataset. Prompts are
-    keyed by their text when the caller has it on the host (``Sam3Batch.prompts``): no device read per step;
-    otherwise by their token ids and mask, which are copied to the host (a synchronisation on a GPU).
+    keyed by their text, which the batch carries on the host (``Sam3Batch.prompts``): no device read per step.
     """
 
     def __init__(self) -> None:
-        self._store: dict[Hashable, Tensor] = {}
+        self._store: dict[str, Tensor] = {}
         self.hits = 0
         self.misses = 0
 
@@ -321,20 +320,15 @@ class TextFeatureCache:
         return sum(t.numel() * t.element_size() for t in self._store.values())
 
     def __call__(self, text_encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                 texts: Sequence[str] | None = None) -> Tensor:
+                 texts: Sequence[str]) -> Tensor:
         """(R, T) ids and mask -> (R, T, D) ``last_hidden_state``, computing each distinct prompt at most once.
 
-        ``texts``: the R prompt texts the ids were tokenized from (host strings, the cache keys); None: the keys are
-        the ids and mask themselves, read on the host.
+        ``texts``: the R prompt texts the ids were tokenized from (host strings, the cache keys).
         """
-        if texts is None:
-            rows = torch.cat([input_ids, attention_mask], dim=1).to("cpu", torch.int64).numpy()
-            keys: list[Hashable] = [row.tobytes() for row in rows]
-        else:
-            if len(texts) != input_ids.shape[0]:
-                raise ValueError(f"text cache: {len(texts)} texts for {input_ids.shape[0]} rows of token ids")
-            keys = [("text", text) for text in texts]
-        missing: dict[Hashable, int] = {}
+        if len(texts) != input_ids.shape[0]:
+            raise ValueError(f"text cache: {len(texts)} texts for {input_ids.shape[0]} rows of token ids")
+        keys = list(texts)
+        missing: dict[str, int] = {}
         for r, key in enumerate(keys):
             if key not in self._store and key not in missing:
                 missing[key] = r

@@ -93,7 +93,8 @@ def synthetic_batch(
             masks[k, y0:y1, x0:x1] = True
         targets.append({"boxes": boxes, "masks": masks, "has_mask": torch.ones(n, dtype=torch.bool)})
     input_ids, attention_mask = table_ids[choice], table_mask[choice]
-    text_rows, text_index = prompt_rows(input_ids, attention_mask)
+    texts = [f"prompt {int(c)}" for c in choice]  # one text per random token sequence
+    text_rows, text_index = prompt_rows(texts)
     batch = Sam3Batch(
         pixel_values=torch.randn(images, 3, size, size, generator=g),
         image_index=torch.arange(images).repeat_interleave(prompts),
@@ -102,7 +103,7 @@ def synthetic_batch(
         input_boxes=torch.zeros(rows, 1, 4),
         input_boxes_labels=torch.full((rows, 1), -10, dtype=torch.long),
         targets=targets,
-        prompts=[f"prompt {int(c)}" for c in choice],
+        prompts=texts,
         category_ids=choice + 1,
         image_ids=torch.arange(first_image_id, first_image_id + images),
         orig_sizes=torch.full((images, 2), size, dtype=torch.long),

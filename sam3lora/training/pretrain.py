@@ -41,7 +41,7 @@ from torch import Tensor
 from sam3lora.data.batch import Sam3Batch
 from sam3lora.data.synthetic_shapes import MAX_OBJECTS, parse_categories, render_image
 from sam3lora.io import atomic_file
-from sam3lora.sam3 import distinct_rows, tokenize
+from sam3lora.sam3 import distinct_prompts, tokenize
 from sam3lora.training.module import Sam3LoRAModule
 from sam3lora.training.schedule import ScheduleSettings
 
@@ -270,7 +270,8 @@ class BatchMaker:
         ]
         r = len(counts)
         row_cat_cpu = row_cat.tolist()
-        text_rows, text_index = distinct_rows(row_cat_cpu)  # one prompt per category: encoded once per batch
+        prompts = [data.categories[c - 1] for c in row_cat_cpu]
+        text_rows, text_index = distinct_prompts(prompts)  # one prompt per category: encoded once per batch
         return Sam3Batch(
             pixel_values=pixel_values,
             image_index=image_index,
@@ -279,7 +280,7 @@ class BatchMaker:
             input_boxes=torch.zeros(r, 1, 4, device=device),
             input_boxes_labels=torch.full((r, 1), -10, dtype=torch.long, device=device),
             targets=targets,
-            prompts=[data.categories[c - 1] for c in row_cat_cpu],
+            prompts=prompts,
             category_ids=row_cat,
             image_ids=index + 1,
             orig_sizes=torch.full((len(index), 2), data.size, dtype=torch.long, device=device),
