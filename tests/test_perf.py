@@ -371,6 +371,23 @@ def test_auto_checkpointing_takes_the_cheapest_set_that_fits() -> None:
     assert set(shipped.presets["balanced"]["forward_flops"]) >= set(CHECKPOINTABLE)
 
 
+def test_auto_checkpointing_counts_the_text_encoder_per_distinct_text() -> None:
+    """The text encoder runs once per distinct prompt of a batch and its input does not grow with the image: its
+    bytes and recompute FLOPs scale with the distinct texts, not with the rows or the image area."""
+    from sam3lora.perf.memory_plan import MemoryTable, choose, estimate_bytes
+
+    full = {"plain": {"text_encoder": 8e6, "mask_decoder": 4e6}, "checkpointed": {"text_encoder": 0.0,
+            "mask_decoder": 4e6}, "forward_flops": {"text_encoder": 4e9, "mask_decoder": 1e9}}
+    table = MemoryTable(224, 4, "float32", {"full": full})
+    f32 = torch.float32
+    # 2 images x 4 rows that ask 2 distinct texts: a quarter of the text bytes of 8 distinct rows
+    assert estimate_bytes(table, "full", (), 2, 8, 224, f32) == 2 * (8e6 + 4e6)
+    assert estimate_bytes(table, "full", (), 2, 8, 224, f32, texts=2) == 2 * (8e6 / 4 + 4e6)
+    assert estimate_bytes(table, "full", (), 2, 8, 448, f32, texts=2) == 2 * (8e6 / 4 + 4 * 4e6)
+    plan = choose(table, "full", 1.0, 2, 8, 448, f32, texts=2)  # nothing fits: every useful component
+    assert plan.components == ("text_encoder",) and plan.cost_flops == 2 * 4e9 / 4  # no area factor
+
+
 def test_auto_checkpointing_plans_on_the_first_batch_and_keeps_the_gradients(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,10 +7,11 @@ more forward in backward). ``scripts/benchmark.py memory ... --memory-table PATH
 ``--activation-checkpointing off,all``.
 
 Scaling to another batch: the vision encoder's bytes scale with images x (S / S0)^2, the text encoder's with
-rows, everything else (per-row heads, glue, loss) with rows x (S / S0)^2; bytes scale with the compute dtype's
-size against the table's. The peak of a step is larger than what it saves (temporaries, gradients of the
-activations): the activations are multiplied by ``PEAK_FACTOR``, calibrated on the H200 (``docs/performance.md``:
-the measured step memory at 1008 px, bf16, batch 1-8 was 1.01-1.27x this estimate from the 336 px fp32 table).
+the batch's distinct prompt texts (it runs once per distinct text, ``Sam3Batch.text_rows``), everything else
+(per-row heads, glue, loss) with rows x (S / S0)^2; bytes scale with the compute dtype's size against the
+table's. The peak of a step is larger than what it saves (temporaries, gradients of the activations): the
+activations are multiplied by ``PEAK_FACTOR``, calibrated on the H200 (``docs/performance.md``: the measured
+step memory at 1008 px, bf16, batch 1-8 was 1.01-1.27x this estimate from the 336 px fp32 table).
 """
 
 from __future__ import annotations
@@ -110,26 +111,32 @@ class Plan:
                 f"{self.budget / 1e9:.1f} GB: {verdict}; +{self.cost_flops / 1e12:.2f} TFLOP recomputed per step)")
 
 
+def _scales(table: MemoryTable, images: int, rows: int, texts: int | None, image_size: int) -> dict[str, float]:
+    """Per-image multipliers of the table's figures: ``vision`` (size), ``text`` (distinct texts; the table's
+    rows were distinct texts), ``row`` (rows and size, everything else)."""
+    area = (image_size / table.image_size) ** 2
+    per_text = (rows if texts is None else texts) / (images * table.prompts)  # the table: ``prompts`` rows per image
+    return {"vision": area, "text": per_text, "row": rows / (images * table.prompts) * area}
+
+
+def _scale(scales: dict[str, float], part: str) -> float:
+    return scales["vision" if part == "vision_encoder" else "text" if part == "text_encoder" else "row"]
+
+
 def estimate_bytes(table: MemoryTable, preset: str, components: Iterable[str], images: int, rows: int,
-                   image_size: int, dtype: torch.dtype) -> float:
-    """Saved-for-backward bytes of one step of ``images`` images / ``rows`` rows with ``components`` checkpointed."""
+                   image_size: int, dtype: torch.dtype, texts: int | None = None) -> float:
+    """Saved-for-backward bytes of one step of ``images`` images / ``rows`` rows / ``texts`` distinct prompt texts
+    (None: one per row) with ``components`` checkpointed."""
     row = _row(table, preset)
     chosen = set(components)
-    area = (image_size / table.image_size) ** 2
-    per_row = rows / (images * table.prompts)  # the table's rows per image is ``prompts``
+    scales = _scales(table, images, rows, texts, image_size)
     width = torch.finfo(dtype).bits / torch.finfo(_dtype(table.dtype)).bits
     total = 0.0
     for part in {**row["plain"], **row["checkpointed"]}:
         plain, ckpt = row["plain"].get(part, 0.0), row["checkpointed"].get(part, 0.0)
         # glue and loss: the larger (a checkpointed mask decoder leaves the DAC product its embeddings)
         saved = (ckpt if part in chosen else plain) if part in CHECKPOINTABLE else max(plain, ckpt)
-        if part == "vision_encoder":
-            scale = area
-        elif part == "text_encoder":
-            scale = per_row
-        else:
-            scale = per_row * area
-        total += saved * images * scale
+        total += saved * images * _scale(scales, part)
     return total * width
 
 
@@ -147,19 +154,19 @@ def _row(table: MemoryTable, preset: str) -> dict[str, dict[str, float]]:
 
 
 def choose(table: MemoryTable, preset: str, budget: float, images: int, rows: int, image_size: int,
-           dtype: torch.dtype, fixed: float = 0.0) -> Plan:
+           dtype: torch.dtype, fixed: float = 0.0, texts: int | None = None) -> Plan:
     """The set of ``CHECKPOINTABLE`` components with the least recompute FLOPs whose estimated step memory
-    (``fixed`` + ``PEAK_FACTOR`` x saved bytes) fits ``budget``; every component when nothing fits."""
+    (``fixed`` + ``PEAK_FACTOR`` x saved bytes) fits ``budget``; every component when nothing fits.
+    ``texts``: the batch's distinct prompt texts (None: one per row)."""
     row = _row(table, preset)
     flops = row["forward_flops"]
-    area = (image_size / table.image_size) ** 2
-    per_row = rows / (images * table.prompts)
+    scales = _scales(table, images, rows, texts, image_size)
     # only components whose checkpointing saves something are worth a recompute
     useful = [c for c in CHECKPOINTABLE if row["checkpointed"].get(c, 0.0) < row["plain"].get(c, 0.0)]
 
     def plan(subset: tuple[str, ...]) -> Plan:
-        need = fixed + PEAK_FACTOR * estimate_bytes(table, preset, subset, images, rows, image_size, dtype)
-        cost = sum(flops.get(c, 0.0) * images * (area if c == "vision_encoder" else per_row * area) for c in subset)
+        need = fixed + PEAK_FACTOR * estimate_bytes(table, preset, subset, images, rows, image_size, dtype, texts)
+        cost = sum(flops.get(c, 0.0) * images * _scale(scales, c) for c in subset)
         return Plan(subset, need, budget, cost, need <= budget)
 
     plans = [plan(s) for n in range(len(useful) + 1) for s in itertools.combinations(useful, n)]
@@ -181,14 +188,14 @@ def free_memory(device: torch.device) -> float:
 
 
 def plan_for(model: nn.Module, images: int, rows: int, image_size: int, dtype: torch.dtype, device: torch.device,
-             budget_gb: float | None = None, table: MemoryTable | None = None) -> Plan:
+             budget_gb: float | None = None, table: MemoryTable | None = None, texts: int | None = None) -> Plan:
     """:func:`choose` for ``model`` on ``device``: its preset, ``budget_gb`` or the device's free memory less
     ``RESERVE``, minus the trainable parameters' gradient and optimiser state (not allocated yet)."""
     table = table or MemoryTable.load()
     budget = budget_gb * 1e9 if budget_gb is not None else free_memory(device) * (1 - RESERVE)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return choose(table, preset_of(model), budget, images, rows, image_size, dtype,
-                  fixed=trainable * TRAINABLE_STATE_BYTES)
+                  fixed=trainable * TRAINABLE_STATE_BYTES, texts=texts)
 
 
 def table_from_records(records: Iterable[dict[str, Any]], image_size: int, source: str) -> MemoryTable:
@@ -231,8 +238,8 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
 def checkpoint_for_batch(model: nn.Module, batch: Any, budget_gb: float | None,
                          base_dtype: torch.dtype | None = None, table: MemoryTable | None = None) -> Plan:
     """Resolve ``activation_checkpointing: auto`` on the first training batch (a ``Sam3Batch``): plan for its
-    images, rows and size in the compute dtype (autocast's, else ``base_dtype``, else float32) on its device, and
-    switch checkpointing on for the chosen components."""
+    images, rows, distinct prompt texts and size in the compute dtype (autocast's, else ``base_dtype``, else
+    float32) on its device, and switch checkpointing on for the chosen components."""
     from sam3lora.perf.checkpointing import set_activation_checkpointing
 
     device = batch.pixel_values.device
@@ -240,8 +247,9 @@ def checkpoint_for_batch(model: nn.Module, batch: Any, budget_gb: float | None,
         dtype = torch.get_autocast_dtype(device.type)
     else:
         dtype = base_dtype or torch.float32
+    texts = None if batch.text_rows is None else len(batch.text_rows)
     plan = plan_for(model, batch.num_images, batch.num_rows, int(batch.pixel_values.shape[-1]), dtype, device,
-                    budget_gb, table)
+                    budget_gb, table, texts)
     if plan.components:
         set_activation_checkpointing(model, plan.components)
     return plan
