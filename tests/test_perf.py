@@ -280,7 +280,7 @@ def _dac_loss_and_grads(module: Sam3LoRAModule, batch) -> tuple[torch.Tensor, di
     module.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     o2m = module(batch)["o2m"]
-    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"]]
+    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"].dense()]
     parts += [aux[k] for aux in o2m["aux_outputs"] for k in ("pred_logits", "pred_boxes")]
     loss = sum((p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum() for p in parts)
     loss.backward()
@@ -305,7 +305,7 @@ def test_decoder_checkpointing_replays_the_dac_pass() -> None:
     torch.manual_seed(0)
     o2m = module(batch)["o2m"]
     o2m["pred_logits"].register_hook(before_backward)
-    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"]]
+    parts = [o2m["pred_logits"], o2m["pred_boxes"], o2m["pred_masks"].dense()]
     parts += [aux[k] for aux in o2m["aux_outputs"] for k in ("pred_logits", "pred_boxes")]
     ckpt_loss = sum((p * torch.linspace(-1, 1, p.numel()).view_as(p)).sum() for p in parts)
     ckpt_loss.backward()
@@ -418,6 +418,59 @@ def test_auto_checkpointing_plans_on_the_first_batch_and_keeps_the_gradients(
     again_loss, _ = loss_and_grads(module, batch)  # planned once
     assert module.checkpoint_plan.components == ("detr_encoder", "detr_decoder")
     torch.testing.assert_close(again_loss, plain_loss, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- lazy masks
+
+
+class OutputShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_a_training_step_forms_only_the_matched_masks_with_the_dense_loss_and_gradients() -> None:
+    """In training the (R,Q,h,w) mask logits of both query sets (one-to-one and DAC) are never formed, nor their
+    gradient; the loss and every gradient equal those of the same forward with the dense masks."""
+    from sam3lora.model.mask_product import MaskProduct
+
+    module = build_module("lora=balanced", "++lora.init=false")
+    assert module.use_dac
+    batch = batch_for(module, images=2, prompts=3)
+    module.train()
+    torch.manual_seed(0)
+    with OutputShapes() as seen:
+        outputs = module(batch)
+        loss = module.criterion(outputs, batch.targets)["loss"]
+        loss.backward(retain_graph=True)  # the dense reference below goes through the same forward
+    masks = outputs["pred_masks"]
+    assert isinstance(masks, MaskProduct) and isinstance(outputs["o2m"]["pred_masks"], MaskProduct)
+    rows, queries, h, w = masks.shape
+    assert (rows, queries, h, w) not in seen.shapes and (rows, queries, h * w) not in seen.shapes
+    lazy_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    dense = {**outputs, "pred_masks": masks.dense(),
+             "o2m": {**outputs["o2m"], "pred_masks": outputs["o2m"]["pred_masks"].dense()}}
+    dense_loss = module.criterion(dense, batch.targets)["loss"]
+    dense_loss.backward()
+    torch.testing.assert_close(loss, dense_loss)
+    dense_grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert lazy_grads.keys() == dense_grads.keys()
+    for name, grad in dense_grads.items():  # float32 summation order: within 1e-5 of each tensor's largest entry
+        assert (lazy_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    module.eval()  # outside training the decoder forms them, as prediction needs
+    with torch.no_grad(), OutputShapes() as seen:
+        assert module(batch)["pred_masks"].shape == (rows, queries, h, w)
+    assert (rows, queries, h, w) in seen.shapes
 
 
 # ----------------------------------------------------------------------------------------------- bf16 base

@@ -108,9 +108,9 @@ BALANCED_MB = {
     "geometry_encoder": (1.28, 0.59),
     "detr_encoder": (11.09, 0.86),
     "detr_decoder": (12.14, 1.41),  # the box-RPB masks are rebuilt, not kept
-    "mask_decoder": (21.35, 5.42),
-    "other": (0.09, 4.28),  # checkpointed mask decoder: the DAC mask product keeps the instance embeddings
-    "loss": (7.24, 7.24),
+    "mask_decoder": (17.13, 5.42),
+    "other": (0.07, 0.07),
+    "loss": (11.46, 11.46),  # the mask products (MaskProduct, formed in the loss) keep the instance embeddings
 }
 
 

@@ -4,7 +4,8 @@ Design after DETR's ``SetCriterion`` (one method per loss, a weight dict) with S
 (``sam3/train/loss/loss_fns.py``); every default lives in ``conf/loss/sam3.yaml``.
 
 Inputs follow docs/contracts.md. ``outputs``: ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` normalised
-xyxy, ``presence_logits (R,1)``, ``pred_masks (R,Q,h,w)`` logits, optional ``semantic_seg (R,1,h,w)`` logits
+xyxy, ``presence_logits (R,1)``, ``pred_masks (R,Q,h,w)`` logits (or, in training, a ``MaskProduct`` that
+forms only the indexed ones), optional ``semantic_seg (R,1,h,w)`` logits
 and ``aux_outputs`` (list of dicts with ``pred_logits``, ``pred_boxes``, ``presence_logits``). ``targets``:
 R dicts with ``boxes (n,4)`` normalised xyxy, ``masks (n,S,S)`` bool and ``has_mask (n,)`` bool; n == 0 is a
 negative prompt.
@@ -450,8 +451,8 @@ class Sam3Criterion(nn.Module):
             tgt.append(t["masks"][torch.as_tensor(j.numpy()[keep]).to(t["masks"].device)].to(pred_masks.device))
         if not rows:
             return {"loss_mask": _zero(pred_masks), "loss_dice": _zero(pred_masks)}
-        src = pred_masks[torch.as_tensor(rows).to(pred_masks.device), torch.as_tensor(np.concatenate(queries)).to(
-            pred_masks.device)]
+        # host indices: a MaskProduct groups them by row without a sync (a dense tensor copies them over)
+        src = pred_masks[torch.as_tensor(rows), torch.as_tensor(np.concatenate(queries))]
         focal, dice = self._mask_terms(src, torch.cat(tgt), self.mask_focal_alpha, self.mask_focal_gamma)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 

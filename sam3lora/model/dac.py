@@ -24,6 +24,7 @@ from torchvision.ops import box_convert
 from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
 
 from sam3lora.errors import Sam3LoRAError
+from sam3lora.model.mask_product import MaskProduct
 
 DAC_KWARG = "sam3lora_dac"
 _HOOKED = "_sam3lora_dac_hooked"
@@ -68,9 +69,9 @@ def dac_outputs(base: nn.Module, decoder_inputs: dict[str, Any], instance_embeds
         decoder_inputs: the keyword arguments of that forward's ``detr_decoder`` call.
         instance_embeds: that forward's ``mask_decoder.instance_projection`` output, (R, C, h, w).
     Returns:
-        ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` normalised xyxy, ``pred_masks (R,Q,h,w)`` logits and
-        ``aux_outputs`` (earlier layers' ``pred_logits``, ``pred_boxes``). No presence: as in the official model,
-        the presence token belongs to the one-to-one half.
+        ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` normalised xyxy, ``pred_masks`` (R,Q,h,w) logits as a
+        ``MaskProduct`` and ``aux_outputs`` (earlier layers' ``pred_logits``, ``pred_boxes``). No presence: as in
+        the official model, the presence token belongs to the one-to-one half.
     """
     decoder = base.detr_decoder
     for layer in decoder.layers:
@@ -89,7 +90,8 @@ def dac_outputs(base: nn.Module, decoder_inputs: dict[str, Any], instance_embeds
     ).squeeze(-1)  # (L,R,Q)
     cxcywh = (inverse_sigmoid(out.reference_boxes) + decoder.box_head(hidden)).sigmoid()
     boxes = box_convert(cxcywh, "cxcywh", "xyxy")  # (L,R,Q,4)
-    # the mask decoder's instance masks: per-query embedding . per-pixel embedding (pixels shared with the o2o half)
-    masks = torch.einsum("rqc,rchw->rqhw", base.mask_decoder.mask_embedder(hidden[-1]), instance_embeds)
+    # the mask decoder's instance masks: per-query embedding . per-pixel embedding (pixels shared with the o2o half),
+    # evaluated for the matched queries only; .forward: the one-to-one half's mask hook is not for these queries
+    masks = MaskProduct(base.mask_decoder.mask_embedder.forward(hidden[-1]), instance_embeds)
     aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(hidden.shape[0] - 1)]
     return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "pred_masks": masks, "aux_outputs": aux}

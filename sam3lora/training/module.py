@@ -36,6 +36,7 @@ from sam3lora.lora import LoraSettings, component_of, unwrap_base
 from sam3lora.metrics import CgF1Accumulator, CocoApAccumulator, MatchedIoUDice
 from sam3lora.model.dac import DAC_KWARG, dac_outputs, install_dac_hooks
 from sam3lora.model.host_shapes import keep_spatial_shapes_on_host
+from sam3lora.model.mask_product import MaskProduct
 from sam3lora.model.materialised_masks import materialise_attention_masks
 from sam3lora.perf import (
     CHECKPOINTABLE,
@@ -151,6 +152,10 @@ class Sam3LoRAModule(L.LightningModule):
             base.get_submodule("detr_decoder").register_forward_hook(self._capture("decoder")),
             # called once per layer inside the decoder, then on all layers by Sam3Model.forward: the last call wins
             base.get_submodule("detr_decoder.box_head").register_forward_hook(self._capture("box_offsets")),
+            # training: the masks stay a product of these two, evaluated for the matched queries (MaskProduct)
+            base.get_submodule("mask_decoder.instance_projection").register_forward_hook(
+                self._capture("instance_embeds")),
+            base.get_submodule("mask_decoder.mask_embedder").register_forward_hook(self._defer_masks),
         ]
         base.get_submodule("geometry_encoder").register_forward_pre_hook(_fp32_roi_features_on_cpu, with_kwargs=True)
         keep_spatial_shapes_on_host(base)  # no .item() per decoder layer (sam3lora.model.host_shapes)
@@ -217,21 +222,28 @@ class Sam3LoRAModule(L.LightningModule):
         return bool(getattr(self.criterion, "wants_o2m", False))
 
     def _prepare_dac(self) -> None:
-        """Hooks (once): the decoder's inputs and the mask decoder's pixel embeddings feed the DAC copy."""
+        """Hooks (once): the decoder's inputs feed the DAC copy (with the captured pixel embeddings)."""
         if self._dac_ready:
             return
         base = self.base_model
         install_dac_hooks(base)
         self._hooks += [
             base.get_submodule("detr_decoder").register_forward_pre_hook(self._keep_decoder_inputs, with_kwargs=True),
-            base.get_submodule("mask_decoder.instance_projection").register_forward_hook(
-                self._capture("instance_embeds")),
         ]
         self._dac_ready = True
 
     def _keep_decoder_inputs(self, _module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         if not kwargs.get(DAC_KWARG):
             self._captured["decoder_inputs"] = kwargs
+
+    def _defer_masks(self, module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
+        """Forward hook on ``mask_decoder.mask_embedder``: in training, keep its (R,Q,C) output for a
+        ``MaskProduct`` and hand the decoder no queries, so it forms no (R,Q,h,w) logits. The same in a
+        checkpoint's recomputation (the module is still training), so the replay has the same shapes."""
+        if not module.training:
+            return None
+        self._captured["mask_embeddings"] = output
+        return output[:, :0]
 
     def _capture(self, key: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -295,7 +307,7 @@ class Sam3LoRAModule(L.LightningModule):
             "pred_logits": out.pred_logits,
             "pred_boxes": out.pred_boxes,
             "presence_logits": out.presence_logits,
-            "pred_masks": out.pred_masks,
+            "pred_masks": self._pred_masks(out.pred_masks),
             "semantic_seg": out.semantic_seg,
             "aux_outputs": aux,
         }
@@ -304,6 +316,15 @@ class Sam3LoRAModule(L.LightningModule):
                 self.base_model, self._captured["decoder_inputs"], self._captured["instance_embeds"]
             )
         return outputs
+
+    def _pred_masks(self, dense: Tensor) -> Tensor | MaskProduct:
+        """The decoder's (R,Q,h,w) logits, or in training the ``MaskProduct`` the hooks captured."""
+        embeddings = self._captured.get("mask_embeddings")
+        if embeddings is None:
+            return dense
+        if dense.shape[1] != 0:
+            raise RuntimeError(f"mask_decoder: expected no dense masks in training, got {tuple(dense.shape)}")
+        return MaskProduct(embeddings, self._captured["instance_embeds"])
 
     # ------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Sam3Batch, batch_idx: int) -> Tensor:
