@@ -134,7 +134,7 @@ def estimate_bytes(table: MemoryTable, preset: str, components: Iterable[str], i
     total = 0.0
     for part in {**row["plain"], **row["checkpointed"]}:
         plain, ckpt = row["plain"].get(part, 0.0), row["checkpointed"].get(part, 0.0)
-        # glue and loss: the larger (a checkpointed mask decoder leaves the DAC product its embeddings)
+        # glue and loss: the larger (tables measured before MaskProduct count its embeddings as glue)
         saved = (ckpt if part in chosen else plain) if part in CHECKPOINTABLE else max(plain, ckpt)
         total += saved * images * _scale(scales, part)
     return total * width

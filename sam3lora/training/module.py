@@ -256,8 +256,9 @@ class Sam3LoRAModule(L.LightningModule):
         """Model outputs in the criterion's format (``docs/contracts.md``) for the R rows of ``batch``.
 
         Returns ``pred_logits (R,Q)``, ``pred_boxes (R,Q,4)`` xyxy, ``presence_logits (R,1)``,
-        ``pred_masks (R,Q,h,w)``, ``semantic_seg (R,1,h,w)``, ``aux_outputs`` (one dict per earlier layer) and, in
-        training with one-to-many supervision, ``o2m`` (the DAC queries' outputs, ``sam3lora.model.dac``).
+        ``pred_masks (R,Q,h,w)`` (in training a ``MaskProduct``: formed where the loss indexes it),
+        ``semantic_seg (R,1,h,w)``, ``aux_outputs`` (one dict per earlier layer) and, in training with one-to-many
+        supervision, ``o2m`` (the DAC queries' outputs, ``sam3lora.model.dac``).
         """
         with base_autocast(self._low_precision, batch.pixel_values.device):
             return self._forward(batch)
