@@ -586,6 +586,7 @@ def run_memory_config(models: Models, config: dict[str, Any], args: argparse.Nam
     per_image = report.per_image()
     result: dict[str, Any] = {
         "rows": batch.num_rows, "images": batch.num_images, "step_s": step_s, "rows_per_s": batch.num_rows / step_s,
+        "texts": batch.num_rows if batch.text_rows is None else len(batch.text_rows),  # the text encoder's inputs
         "images_per_s": batch.num_images / step_s, "peak_gb": peak, "mem_before_gb": before,
         "step_mem_gb": peak - before, "loss": float(loss.detach()),
         "saved_gb_per_image": per_image["total"] / 1e9,

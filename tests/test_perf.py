@@ -388,6 +388,26 @@ def test_auto_checkpointing_counts_the_text_encoder_per_distinct_text() -> None:
     assert plan.components == ("text_encoder",) and plan.cost_flops == 2 * 4e9 / 4  # no area factor
 
 
+def test_memory_table_counts_the_text_encoder_per_distinct_text() -> None:
+    """A measured step that encoded 3 distinct texts for 4 rows gives the table 4/3 of its text bytes and FLOPs
+    (the table's rows are distinct texts); a record without ``texts`` (one encoder pass per row) is taken as is."""
+    from sam3lora.perf.memory_plan import table_from_records
+
+    def record(ckpt: bool | list[str], text_gb: float, **extra: int) -> dict:
+        return {"status": "ok", "ckpt": ckpt, "preset": "full", "base_dtype": "float32", "precision": "fp32",
+                "prompts": 4, "rows": 4, **extra,
+                "saved_gb_per_image_by_component": {"text_encoder": text_gb, "mask_decoder": 0.2},
+                "forward_flops_per_image": {"text_encoder": 3e9, "mask_decoder": 1e9}}
+
+    table = table_from_records([record(False, 0.3, texts=3), record(list(CHECKPOINTABLE), 0.03, texts=3)], 336, "t")
+    full = table.presets["full"]
+    assert full["plain"] == pytest.approx({"text_encoder": 0.4e9, "mask_decoder": 0.2e9})
+    assert full["checkpointed"]["text_encoder"] == pytest.approx(0.04e9)
+    assert full["forward_flops"] == pytest.approx({"text_encoder": 4e9, "mask_decoder": 1e9})
+    old = table_from_records([record(False, 0.3), record(list(CHECKPOINTABLE), 0.03)], 336, "t")
+    assert old.presets["full"]["plain"]["text_encoder"] == pytest.approx(0.3e9)
+
+
 def test_auto_checkpointing_plans_on_the_first_batch_and_keeps_the_gradients(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,7 +11,7 @@ the batch's distinct prompt texts (it runs once per distinct text, ``Sam3Batch.t
 (per-row heads, glue, loss) with rows x (S / S0)^2; bytes scale with the compute dtype's size against the
 table's. The peak of a step is larger than what it saves (temporaries, gradients of the activations): the
 activations are multiplied by ``PEAK_FACTOR``, calibrated on the H200 (``docs/performance.md``: the measured
-step memory at 1008 px, bf16, batch 1-8 was 1.01-1.27x this estimate from the 336 px fp32 table).
+step memory at 1008 px, bf16, batch 1-8 was 1.04-1.29x this estimate from the 336 px fp32 table).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from sam3lora.perf.checkpointing import AUTO as AUTO  # re-exported: the value t
 from sam3lora.perf.checkpointing import CHECKPOINTABLE
 
 TABLE = Path(__file__).with_name("memory_table.json")
-#: step memory / estimated saved bytes: 1.01-1.27 measured on the H200 (1008 px, bf16, every preset, batch 1-8)
+#: step memory / estimated saved bytes: 1.04-1.29 measured on the H200 (1008 px, bf16, every preset, batch 1-8)
 PEAK_FACTOR = 1.3
 #: share of the free memory kept in reserve (allocator fragmentation, CUDA context growth)
 RESERVE = 0.1
@@ -134,7 +134,7 @@ def estimate_bytes(table: MemoryTable, preset: str, components: Iterable[str], i
     total = 0.0
     for part in {**row["plain"], **row["checkpointed"]}:
         plain, ckpt = row["plain"].get(part, 0.0), row["checkpointed"].get(part, 0.0)
-        # glue and loss: the larger (tables measured before MaskProduct count its embeddings as glue)
+        # glue and loss: the larger of their two measurements (they are not checkpointed)
         saved = (ckpt if part in chosen else plain) if part in CHECKPOINTABLE else max(plain, ckpt)
         total += saved * images * _scale(scales, part)
     return total * width
@@ -201,7 +201,9 @@ def plan_for(model: nn.Module, images: int, rows: int, image_size: int, dtype: t
 def table_from_records(records: Iterable[dict[str, Any]], image_size: int, source: str) -> MemoryTable:
     """A :class:`MemoryTable` from ``scripts/benchmark.py memory`` records (``--activation-checkpointing off,all``,
     one image size, one prompt count); records of another compute dtype than the first one's are left out, and
-    a later record of the same preset and checkpointing replaces an earlier one."""
+    a later record of the same preset and checkpointing replaces an earlier one. The text encoder's bytes and
+    FLOPs are scaled to one distinct text per row (a record's ``texts``: the distinct prompts its step encoded;
+    records without it encoded one per row)."""
     presets: dict[str, dict[str, dict[str, float]]] = {}
     shape: set[tuple[int, str]] = set()
     first: str | None = None
@@ -215,10 +217,14 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
             continue
         shape.add((int(r["prompts"]), dtype))
         row = presets.setdefault(r["preset"], {"plain": {}, "checkpointed": {}, "forward_flops": {}})
-        row["plain" if ckpt is False else "checkpointed"] = {
-            k: v * 1e9 for k, v in r["saved_gb_per_image_by_component"].items()}
+        per_text = r["rows"] / r.get("texts", r["rows"])
+
+        def scaled(values: dict[str, float], unit: float, per_text: float = per_text) -> dict[str, float]:
+            return {k: v * unit * (per_text if k == "text_encoder" else 1.0) for k, v in values.items()}
+
+        row["plain" if ckpt is False else "checkpointed"] = scaled(r["saved_gb_per_image_by_component"], 1e9)
         if r.get("forward_flops_per_image"):
-            row["forward_flops"] = dict(r["forward_flops_per_image"])
+            row["forward_flops"] = scaled(r["forward_flops_per_image"], 1.0)
     # a run without FLOP counts takes another preset's: a component's forward FLOPs hardly depend on the preset
     # (the adapters add r / width of the adapted layers' FLOPs)
     counted = next((row["forward_flops"] for row in presets.values() if row["forward_flops"]), None)
