@@ -218,13 +218,10 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
         shape.add((int(r["prompts"]), dtype))
         row = presets.setdefault(r["preset"], {"plain": {}, "checkpointed": {}, "forward_flops": {}})
         per_text = r["rows"] / r.get("texts", r["rows"])
-
-        def scaled(values: dict[str, float], unit: float, per_text: float = per_text) -> dict[str, float]:
-            return {k: v * unit * (per_text if k == "text_encoder" else 1.0) for k, v in values.items()}
-
-        row["plain" if ckpt is False else "checkpointed"] = scaled(r["saved_gb_per_image_by_component"], 1e9)
+        row["plain" if ckpt is False else "checkpointed"] = _per_row_text(r["saved_gb_per_image_by_component"],
+                                                                         per_text, 1e9)
         if r.get("forward_flops_per_image"):
-            row["forward_flops"] = scaled(r["forward_flops_per_image"], 1.0)
+            row["forward_flops"] = _per_row_text(r["forward_flops_per_image"], per_text)
     # a run without FLOP counts takes another preset's: a component's forward FLOPs hardly depend on the preset
     # (the adapters add r / width of the adapted layers' FLOPs)
     counted = next((row["forward_flops"] for row in presets.values() if row["forward_flops"]), None)
@@ -239,6 +236,11 @@ def table_from_records(records: Iterable[dict[str, Any]], image_size: int, sourc
                               f"(got {sorted(shape)}, incomplete: {incomplete})")
     (prompts, dtype), = shape
     return MemoryTable(image_size, prompts, dtype, presets, source)
+
+
+def _per_row_text(values: dict[str, float], per_text: float, unit: float = 1.0) -> dict[str, float]:
+    """A record's per-component figures times ``unit``, the text encoder's times ``per_text`` (rows / texts)."""
+    return {k: v * unit * (per_text if k == "text_encoder" else 1.0) for k, v in values.items()}
 
 
 def checkpoint_for_batch(model: nn.Module, batch: Any, budget_gb: float | None,
